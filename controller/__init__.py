@@ -1,0 +1,1 @@
+"""Shoal's controller: policy, autoscaler, reconciler, runtimes, registry, queue, dispatcher."""

@@ -1,0 +1,191 @@
+"""The task queue contract, shared by every backend (sqlite, memory, redis).
+
+A task leaves the queue only when a worker reported its result (``ack``) or it
+ran out of attempts (``dead``). Everything between is a lease: the holder must
+ack, fail or extend it before ``lease_expires_at``; an expired lease puts the
+task back (``reclaim_expired``), which is how crashes turn into retries.
+
+Backends own storage only; the dispatcher decides when to lease and whom to
+send a task to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+TaskState = Literal["queued", "running", "succeeded", "failed", "dead", "cancelled"]
+TASK_STATES: tuple[TaskState, ...] = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "dead",
+    "cancelled",
+)
+FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "dead", "cancelled"})
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    pool: str
+    payload: Any
+    state: TaskState
+    attempts: int  # leases handed out so far
+    max_attempts: int
+    created_at: float  # unix time, as every timestamp here
+    work_seconds: float | None = None
+    idempotency_key: str | None = None
+    worker: str | None = None  # the worker of the current or last attempt
+    result: Any = None
+    error: str | None = None
+    started_at: float | None = None  # first lease
+    finished_at: float | None = None
+    lease_expires_at: float | None = None
+    not_before: float | None = None  # retry back-off: not leased before this
+    # W3C trace context of the enqueue, so a task's spans form one trace.
+    traceparent: str | None = None
+    # Every worker that held a lease on this task, in order.
+    history: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "pool": self.pool,
+            "state": self.state,
+            "attempts": self.attempts,
+            "maxAttempts": self.max_attempts,
+            "payload": self.payload,
+            "workSeconds": self.work_seconds,
+            "idempotencyKey": self.idempotency_key,
+            "worker": self.worker,
+            "result": self.result,
+            "error": self.error,
+            "createdAt": self.created_at,
+            "startedAt": self.started_at,
+            "finishedAt": self.finished_at,
+            "leaseExpiresAt": self.lease_expires_at,
+            "notBefore": self.not_before,
+            "workers": list(self.history),
+        }
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    """Tasks of one pool by state. ``ready`` is the part of ``queued`` leasable now."""
+
+    queued: int = 0
+    ready: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    dead: int = 0
+    cancelled: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "queued": self.queued,
+            "ready": self.ready,
+            "running": self.running,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "dead": self.dead,
+            "cancelled": self.cancelled,
+        }
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a failed attempt is retried; the pool's ``spec.delivery``."""
+
+    max_attempts: int = 5
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    jitter: bool = True
+
+
+@dataclass
+class EnqueueRequest:
+    pool: str
+    payload: Any
+    work_seconds: float | None = None
+    max_attempts: int = 5
+    idempotency_key: str | None = None
+    traceparent: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class TaskQueue(Protocol):
+    """Durable tasks. Every method may raise ``QueueUnavailable``."""
+
+    async def enqueue(self, request: EnqueueRequest) -> tuple[Task, bool]:
+        """Stores a new task and returns it with ``True``.
+
+        With an idempotency key already used in the same pool, stores nothing
+        and returns the first task with ``False``.
+        """
+        ...
+
+    async def lease(self, pool: str, *, worker: str, lease_s: float) -> Task | None:
+        """Hands out the oldest leasable task of ``pool`` (FIFO), or None."""
+        ...
+
+    async def extend(self, task_id: str, *, worker: str, lease_s: float) -> bool:
+        """Pushes a held lease further out; False if the lease is no longer ``worker``'s."""
+        ...
+
+    async def ack(self, task_id: str, *, worker: str, result: Any) -> bool:
+        """Records success. False (and nothing changes) if the lease is not ``worker``'s."""
+        ...
+
+    async def fail(
+        self,
+        task_id: str,
+        *,
+        worker: str,
+        error: str,
+        retry: RetryPolicy | None,
+        permanent: bool = False,
+    ) -> Task | None:
+        """Ends an attempt that did not succeed.
+
+        ``permanent`` marks the task failed at once. Otherwise it is queued
+        again after a back-off, or dead once ``max_attempts`` leases were used.
+        Returns the updated task, or None if the lease is not ``worker``'s.
+        """
+        ...
+
+    async def release(self, task_id: str, *, worker: str) -> bool:
+        """Gives a lease back unused (e.g. the worker answered 429): no attempt is spent."""
+        ...
+
+    async def reclaim_expired(self, *, now: float | None = None) -> int:
+        """Requeues tasks whose lease ran out; returns how many."""
+        ...
+
+    async def get(self, task_id: str) -> Task | None: ...
+
+    async def list(
+        self,
+        *,
+        pool: str | None = None,
+        state: TaskState | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[Task]:
+        """Tasks ordered by creation; ``after`` is the last id of the previous page."""
+        ...
+
+    async def counts(self, pool: str) -> QueueCounts: ...
+
+    async def cancel(self, task_id: str) -> Task | None:
+        """Cancels a queued task; running or finished tasks are returned unchanged."""
+        ...
+
+    async def redrive(self, task_id: str) -> Task | None:
+        """Puts a dead or failed task back in the queue with fresh attempts."""
+        ...
+
+    async def close(self) -> None: ...
