@@ -1,0 +1,409 @@
+"""Shoal's reference worker: the process that runs inside each worker container.
+
+It owns one HTTP server with three routes: ``POST /process-task`` simulates a task by
+sleeping, ``GET /metrics`` reports its counters as JSON, ``GET /healthz`` says whether it
+takes work. It knows nothing about the controller: Shoal finds it through Docker, probes
+``/healthz``, sends tasks to it and stops it with SIGTERM, upon which the worker drains
+(refuses new tasks with 503, finishes the ones in flight) and exits 0.
+
+Stdlib only, so the image needs nothing but a Python 3.11+ interpreter. Configured by
+environment: ``PORT``, ``HOST``, ``CONCURRENCY``, ``WORK_SECONDS``, ``SHOAL_WORKER_ID``,
+``MODE`` (only ``push`` for now) and ``LOG_REQUESTS``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import Any
+
+logger = logging.getLogger("shoal.worker")
+
+# Exit codes other than 0 that callers may rely on.
+EXIT_BAD_CONFIG = 2
+EXIT_BIND_FAILED = 3  # the process runtime retries with another port on this one
+
+MAX_BODY_BYTES = 1 << 20
+# W3C Trace Context, version 00 layout; anything else is ignored as the spec asks.
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+class ConfigError(ValueError):
+    """The environment holds a value the worker cannot run with."""
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str
+    port: int
+    concurrency: int
+    work_seconds: float
+    worker_id: str
+    log_requests: bool
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | os._Environ[str]) -> Config:
+        mode = env.get("MODE", "push")
+        if mode != "push":
+            raise ConfigError(f"MODE={mode!r} is not supported; this worker only runs in push mode")
+        port = _env_int(env, "PORT", 8080)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"PORT={port} is out of range")
+        concurrency = _env_int(env, "CONCURRENCY", 1)
+        if concurrency < 1:
+            raise ConfigError(f"CONCURRENCY={concurrency} must be at least 1")
+        work_seconds = _env_float(env, "WORK_SECONDS", 120.0)
+        if work_seconds < 0:
+            raise ConfigError(f"WORK_SECONDS={work_seconds} must not be negative")
+        return cls(
+            host=env.get("HOST", "0.0.0.0"),
+            port=port,
+            concurrency=concurrency,
+            work_seconds=work_seconds,
+            worker_id=env.get("SHOAL_WORKER_ID") or socket.gethostname(),
+            log_requests=env.get("LOG_REQUESTS", "") in ("1", "true", "yes"),
+        )
+
+
+def _env_int(env: dict[str, str] | os._Environ[str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+
+
+def _env_float(env: dict[str, str] | os._Environ[str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} is not a finite number")
+    return value
+
+
+class WorkerState:
+    """Slots, counters and the draining flag, shared by all request threads."""
+
+    def __init__(self, *, concurrency: int) -> None:
+        self.concurrency = concurrency
+        self.started_monotonic = time.monotonic()
+        self._cond = threading.Condition()
+        self.active = 0
+        self.processed = 0
+        self.failed = 0
+        self.rejected = 0
+        self.draining = False
+
+    def try_acquire(self) -> bool:
+        with self._cond:
+            if self.draining or self.active >= self.concurrency:
+                self.rejected += 1
+                return False
+            self.active += 1
+            return True
+
+    def release(self, *, ok: bool) -> None:
+        with self._cond:
+            self.active -= 1
+            if ok:
+                self.processed += 1
+            else:
+                self.failed += 1
+            self._cond.notify_all()
+
+    def count_failure(self) -> None:
+        with self._cond:
+            self.failed += 1
+
+    def begin_drain(self) -> bool:
+        """Marks the worker draining; returns False if it already was."""
+        with self._cond:
+            was = self.draining
+            self.draining = True
+            self._cond.notify_all()
+            return not was
+
+    def wait_idle(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.active == 0)
+
+    def snapshot(self, worker_id: str) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "id": worker_id,
+                "processed": self.processed,
+                "failed": self.failed,
+                "rejected": self.rejected,
+                "active": self.active,
+                "concurrency": self.concurrency,
+                "draining": self.draining,
+                "uptimeS": round(time.monotonic() - self.started_monotonic, 3),
+            }
+
+
+class BadRequest(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: str
+    payload: Any
+    work_s: float
+
+
+def parse_task(body: bytes, *, default_work_s: float) -> Task:
+    """Validates a ``/process-task`` body; raises ``BadRequest`` with a readable reason."""
+    try:
+        doc = json.loads(body, parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("body must be a JSON object")
+    task_id = doc.get("id")
+    if not isinstance(task_id, str) or not task_id:
+        raise BadRequest("'id' must be a non-empty string")
+    work_s = doc.get("work_seconds")
+    if work_s is None:
+        work_s = default_work_s
+    # NB: bool is an int subclass; true/false are not durations.
+    elif isinstance(work_s, bool) or not isinstance(work_s, int | float):
+        raise BadRequest("'work_seconds' must be a number")
+    elif work_s < 0:
+        raise BadRequest("'work_seconds' must not be negative")
+    return Task(task_id=task_id, payload=doc.get("payload"), work_s=float(work_s))
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _iso(ts: float) -> str:
+    return (
+        datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+
+
+class WorkerServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, config: Config, state: WorkerState) -> None:
+        self.config = config
+        self.state = state
+        super().__init__((config.host, config.port), TaskHandler)
+
+
+class TaskHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "shoal-worker/0.1"
+    # Idle keep-alive connections are dropped after this long, so their threads end.
+    timeout = 75
+    server: WorkerServer
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        state = self.server.state
+        if path == "/healthz":
+            if state.draining:
+                self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "draining"})
+            else:
+                self._reply(HTTPStatus.OK, {"status": "ok"})
+        elif path == "/metrics":
+            self._reply(HTTPStatus.OK, state.snapshot(self.server.config.worker_id))
+        else:
+            self._reply(HTTPStatus.NOT_FOUND, {"error": f"no route for GET {path}"})
+
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0]
+        # The body is read first, whatever the answer, so a keep-alive stream stays in step.
+        body = self._read_body()
+        if body is None:
+            return
+        if path != "/process-task":
+            self._reply(HTTPStatus.NOT_FOUND, {"error": f"no route for POST {path}"})
+            return
+        self._process_task(body)
+
+    def _process_task(self, body: bytes) -> None:
+        config, state = self.server.config, self.server.state
+        if state.draining:
+            self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "worker is draining"})
+            return
+        try:
+            task = parse_task(body, default_work_s=config.work_seconds)
+        except BadRequest as exc:
+            self._reply(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+            return
+        if isinstance(task.payload, dict) and isinstance(task.payload.get("fail"), str):
+            state.count_failure()
+            logger.info("task %s failed on request: %s", task.task_id, task.payload["fail"])
+            self._reply(HTTPStatus.UNPROCESSABLE_ENTITY, {"error": task.payload["fail"]})
+            return
+        if not state.try_acquire():
+            if state.draining:
+                self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "worker is draining"})
+            else:
+                busy = f"all {state.concurrency} slots are busy"
+                self._reply(HTTPStatus.TOO_MANY_REQUESTS, {"error": busy})
+            return
+
+        # NB: the slot is released only after the answer is written, so a drain that waits
+        # for zero active tasks also waits for their answers to leave.
+        ok = False
+        try:
+            started = time.time()
+            time.sleep(task.work_s)
+            finished = time.time()
+            result: dict[str, Any] = {"echo": task.payload}
+            traceparent = self._traceparent()
+            if traceparent:
+                result["traceparent"] = traceparent
+            self._reply(
+                HTTPStatus.OK,
+                {
+                    "id": task.task_id,
+                    "worker": config.worker_id,
+                    "result": result,
+                    "startedAt": _iso(started),
+                    "finishedAt": _iso(finished),
+                    "durationS": round(finished - started, 6),
+                },
+            )
+            ok = True
+        finally:
+            state.release(ok=ok)
+
+    def _traceparent(self) -> str | None:
+        value = (self.headers.get("traceparent") or "").strip().lower()
+        return value if _TRACEPARENT.match(value) else None
+
+    def _read_body(self) -> bytes | None:
+        raw_length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            self._reply(HTTPStatus.LENGTH_REQUIRED, {"error": "chunked bodies are not supported"})
+            return None
+        try:
+            length = int(raw_length or "0")
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            self._reply(HTTPStatus.BAD_REQUEST, {"error": "bad Content-Length"})
+            return None
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "body is too large"})
+            return None
+        return self.rfile.read(length)
+
+    def _reply(self, status: HTTPStatus, doc: dict[str, Any]) -> None:
+        data = json.dumps(doc).encode()
+        # A draining worker asks clients to reconnect, which lands them on another worker.
+        if self.server.state.draining:
+            self.close_connection = True
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        traceparent = self._traceparent()
+        if traceparent:
+            self.send_header("traceparent", traceparent)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        if self.server.config.log_requests:
+            logger.info("%s %s -> %s", self.command, self.path, code)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug(format, *args)
+
+
+def serve(config: Config) -> int:
+    """Runs the worker until SIGTERM or SIGINT, drains, and returns the exit code."""
+    state = WorkerState(concurrency=config.concurrency)
+    try:
+        server = WorkerServer(config, state)
+    except OSError as exc:
+        logger.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
+        return EXIT_BIND_FAILED if exc.errno == errno.EADDRINUSE else 1
+
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if state.begin_drain():
+            logger.info(
+                "got %s: draining, %d task(s) in flight", signal.Signals(signum).name, state.active
+            )
+        stop_requested.set()
+
+    # NB: as PID 1 in a container, Python ignores SIGTERM unless a handler is installed.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    # A short poll interval keeps shutdown() quick; serving happens off the main thread
+    # so that the signal handler never runs inside the accept loop it must stop.
+    serving = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    serving.start()
+    host, port = server.server_address[:2]
+    logger.info(
+        "worker %s listening on %s:%s (concurrency %d, work %.3gs)",
+        config.worker_id,
+        host,
+        port,
+        config.concurrency,
+        config.work_seconds,
+    )
+
+    while not stop_requested.wait(timeout=1.0):
+        pass
+    state.wait_idle()
+    server.shutdown()
+    server.server_close()
+    snap = state.snapshot(config.worker_id)
+    logger.info("drained: %d processed, %d failed; exiting", snap["processed"], snap["failed"])
+    return 0
+
+
+def main() -> int:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        config = Config.from_env(os.environ)
+    except ConfigError as exc:
+        logger.error("bad configuration: %s", exc)
+        return EXIT_BAD_CONFIG
+    return serve(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
