@@ -10,6 +10,7 @@ from controller.queues.base import (
     TaskQueue,
     TaskState,
 )
+from controller.queues.factory import open_queue
 
 __all__ = [
     "FINAL_STATES",
@@ -20,4 +21,5 @@ __all__ = [
     "Task",
     "TaskQueue",
     "TaskState",
+    "open_queue",
 ]

@@ -11,8 +11,12 @@ send a task to.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 TaskState = Literal["queued", "running", "succeeded", "failed", "dead", "cancelled"]
@@ -189,3 +193,158 @@ class TaskQueue(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+# --- Shared semantics ------------------------------------------------------
+# Every backend loads a task, applies one of these pure transitions and stores
+# the result, so the rules below hold identically for memory, sqlite and redis.
+# NB: callers check ``holds_lease`` (or the state) before a transition; the
+# transitions themselves do not re-check.
+
+_id_lock = threading.Lock()
+_last_id_us = 0
+
+
+def new_task_id() -> str:
+    """A 24-hex-digit id that sorts in creation order.
+
+    Microseconds since the epoch (forced strictly increasing within a process)
+    followed by 40 random bits, so ids made by several processes stay unique
+    and still sort roughly by time across them.
+    """
+    global _last_id_us
+    now_us = time.time_ns() // 1000
+    with _id_lock:
+        now_us = max(now_us, _last_id_us + 1)
+        _last_id_us = now_us
+    return f"{now_us:014x}{os.urandom(5).hex()}"
+
+
+def backoff_delay_s(
+    retry: RetryPolicy,
+    *,
+    attempts: int,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """The wait before the next attempt after ``attempts`` leases were used.
+
+    ``min(max, initial * 2**(attempts-1))``; with ``jitter`` it is "equal
+    jitter": half of that plus a random part of up to the other half, so a
+    retry storm spreads out but never comes back sooner than half the delay.
+    """
+    exponent = max(0, attempts - 1)
+    # Cap the exponent so a large attempt count cannot overflow a float.
+    delay_s = min(retry.backoff_max_s, retry.backoff_initial_s * 2.0 ** min(exponent, 64))
+    if retry.jitter:
+        delay_s = delay_s / 2 + rand() * delay_s / 2
+    return delay_s
+
+
+def holds_lease(task: Task, worker: str) -> bool:
+    """True while ``worker`` holds the current lease of ``task``."""
+    return task.state == "running" and task.worker == worker
+
+
+def is_leasable(task: Task, *, now: float) -> bool:
+    return task.state == "queued" and (task.not_before is None or task.not_before <= now)
+
+
+def make_task(request: EnqueueRequest, *, task_id: str, now: float) -> Task:
+    return Task(
+        id=task_id,
+        pool=request.pool,
+        payload=request.payload,
+        state="queued",
+        attempts=0,
+        max_attempts=request.max_attempts,
+        created_at=now,
+        work_seconds=request.work_seconds,
+        idempotency_key=request.idempotency_key,
+        traceparent=request.traceparent,
+    )
+
+
+def leased(task: Task, *, worker: str, now: float, lease_s: float) -> Task:
+    return replace(
+        task,
+        state="running",
+        attempts=task.attempts + 1,
+        worker=worker,
+        started_at=task.started_at if task.started_at is not None else now,
+        lease_expires_at=now + lease_s,
+        history=(*task.history, worker),
+    )
+
+
+def extended(task: Task, *, now: float, lease_s: float) -> Task:
+    return replace(task, lease_expires_at=now + lease_s)
+
+
+def acked(task: Task, *, now: float, result: Any) -> Task:
+    return replace(
+        task,
+        state="succeeded",
+        result=result,
+        error=None,
+        finished_at=now,
+        lease_expires_at=None,
+    )
+
+
+def failed(
+    task: Task,
+    *,
+    now: float,
+    error: str,
+    retry: RetryPolicy | None,
+    permanent: bool,
+    rand: Callable[[], float] = random.random,
+) -> Task:
+    """Permanent -> ``failed``; out of attempts -> ``dead``; else queued after a back-off.
+
+    The task's own ``max_attempts`` (fixed at enqueue) decides when it is dead;
+    ``retry`` only shapes the back-off (defaults when None).
+    """
+    if permanent:
+        return replace(task, state="failed", error=error, finished_at=now, lease_expires_at=None)
+    if task.attempts >= task.max_attempts:
+        return replace(task, state="dead", error=error, finished_at=now, lease_expires_at=None)
+    delay_s = backoff_delay_s(retry or RetryPolicy(), attempts=task.attempts, rand=rand)
+    return replace(
+        task, state="queued", error=error, lease_expires_at=None, not_before=now + delay_s
+    )
+
+
+def released(task: Task) -> Task:
+    """Back to the queue at once; the attempt the lease counted is given back."""
+    return replace(
+        task,
+        state="queued",
+        attempts=max(0, task.attempts - 1),
+        lease_expires_at=None,
+        not_before=None,
+    )
+
+
+def reclaimed(task: Task, *, now: float) -> Task:
+    """An expired lease: the attempt stays spent; dead when none are left."""
+    error = f"lease of worker {task.worker} expired"
+    if task.attempts >= task.max_attempts:
+        return replace(task, state="dead", error=error, finished_at=now, lease_expires_at=None)
+    return replace(task, state="queued", error=error, lease_expires_at=None, not_before=None)
+
+
+def cancelled(task: Task, *, now: float) -> Task:
+    return replace(task, state="cancelled", finished_at=now)
+
+
+def redriven(task: Task) -> Task:
+    return replace(
+        task,
+        state="queued",
+        attempts=0,
+        result=None,
+        finished_at=None,
+        lease_expires_at=None,
+        not_before=None,
+    )
