@@ -1,0 +1,143 @@
+"""The ``shoal`` command.
+
+``shoal up`` runs the whole system in one process: policy store, queue,
+reconciler, dispatcher, prober and the HTTP API. SIGINT or SIGTERM stops it
+cleanly and stops the workers it runs, unless ``--keep-workers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from controller.errors import PolicyError
+from controller.logs import setup_logging
+from controller.runtimes.base import Runtime
+
+logger = logging.getLogger("controller.cli")
+
+DEFAULT_PORT = 8700
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shoal", description="Shoal: an autoscaling task runner.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the controller, the queue and the HTTP API")
+    up.add_argument(
+        "--manifests",
+        type=Path,
+        default=Path(os.environ.get("SHOAL_MANIFESTS", _repo_root() / "manifests")),
+        help="a WorkerPool YAML file or a folder of them (default: ./manifests)",
+    )
+    up.add_argument("--runtime", choices=["auto", "docker", "process"], default="auto")
+    up.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(os.environ.get("SHOAL_STATE_DIR", ".state")),
+        help="where the durable queue lives (default: ./.state)",
+    )
+    up.add_argument(
+        "--queue",
+        default=os.environ.get("SHOAL_QUEUE", "sqlite://"),
+        help="queue URL: sqlite:// (in --state-dir), sqlite:///abs/path.db, memory://, redis://",
+    )
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=DEFAULT_PORT)
+    up.add_argument("--keep-workers", action="store_true", help="leave workers running on shutdown")
+    up.add_argument(
+        "--instance",
+        default=os.environ.get("SHOAL_INSTANCE", "default"),
+        help="label value that separates several Shoal installations on one engine",
+    )
+    up.add_argument("--log-level", default=os.environ.get("SHOAL_LOG_LEVEL", "info"))
+    up.add_argument("--log-format", choices=["text", "json"], default="text")
+    return parser
+
+
+async def pick_runtime(choice: str, *, instance: str) -> Runtime:
+    """Builds the runtime; ``auto`` prefers Docker and says why it did or did not get it."""
+    from controller.runtimes.docker import DockerRuntime, docker_available
+    from controller.runtimes.process import ProcessRuntime
+
+    if choice in ("auto", "docker"):
+        ok, reason = await asyncio.to_thread(docker_available)
+        if ok:
+            if choice == "auto":
+                logger.info("runtime auto: using docker (%s)", reason)
+            return DockerRuntime(instance=instance)
+        if choice == "docker":
+            raise SystemExit(f"shoal: --runtime docker, but no Docker engine answers: {reason}")
+        logger.warning(
+            "runtime auto: no Docker engine (%s); running workers as local processes", reason
+        )
+    return ProcessRuntime(instance=instance)
+
+
+async def _up(args: argparse.Namespace) -> int:
+    from api.app import make_app
+    from controller.manager import Controller, ControllerConfig
+    from controller.queues import open_queue
+
+    args.state_dir.mkdir(parents=True, exist_ok=True)
+    runtime = await pick_runtime(args.runtime, instance=args.instance)
+    try:
+        queue = await open_queue(args.queue, state_dir=args.state_dir)
+    except ValueError as exc:
+        await runtime.close()
+        raise SystemExit(f"shoal: {exc}") from exc
+    controller = Controller(
+        config=ControllerConfig(manifests=args.manifests, keep_workers=args.keep_workers),
+        runtime=runtime,
+        queue=queue,
+    )
+    app = make_app(controller)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    try:
+        await runner.setup()
+    except PolicyError as exc:
+        await runtime.close()
+        await queue.close()
+        print(f"shoal: manifest refused: {exc}", file=sys.stderr)
+        return 2
+    site = web.TCPSite(runner, args.host, args.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        print(f"shoal: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    logger.info("Shoal API listening on http://%s:%d", args.host, args.port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutting down")
+    await runner.cleanup()
+    logger.info("bye")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(level=getattr(args, "log_level", "info"), fmt=getattr(args, "log_format", "text"))
+    if args.command == "up":
+        return asyncio.run(_up(args))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""The dispatcher: the only code that leases tasks.
+
+Per pool, it waits until a routable worker has a free slot and a task is
+leasable, leases exactly one task for exactly that worker, and POSTs it to the
+worker's ``/process-task``. While the request is open it extends the lease, so
+a task that runs longer than ``leaseTimeout`` on a live worker is not handed to
+a second one. Tasks stay in the durable queue until a worker has room: the
+dispatcher never buffers work in memory.
+
+Outcomes map onto the queue contract:
+
+- 200: ``ack`` with the worker's result.
+- 429 or 503 (the worker is full or draining): ``release``; no attempt spent.
+- 422 (the task itself is bad): ``fail(permanent=True)``.
+- anything else, a connection error, or the worker vanishing: ``fail`` with
+  the pool's retry policy; the worker is ejected from routing until its next
+  good probe.
+
+It is woken at once by an enqueue (``wake``) and by registry changes (a worker
+became ready, a slot freed), and otherwise polls at ``idle_poll_s`` for tasks
+coming out of retry back-off and for enqueues made by other processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from controller import logfields
+from controller.errors import QueueUnavailable
+from controller.policy import WorkerPool
+from controller.queues.base import RetryPolicy, Task, TaskQueue
+from controller.registry import Registry, WorkerRecord
+
+logger = logging.getLogger(__name__)
+
+
+def pick_least_connections(workers: list[WorkerRecord]) -> WorkerRecord | None:
+    """The routable worker with the most free room; ties go to the fewest in flight, then name."""
+    candidates = [w for w in workers if w.routable and w.free_slots > 0]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda w: (w.in_flight / w.concurrency, w.in_flight, w.name))
+
+
+def retry_policy_of(pool: WorkerPool) -> RetryPolicy:
+    delivery = pool.spec.delivery
+    return RetryPolicy(
+        max_attempts=delivery.max_attempts,
+        backoff_initial_s=delivery.backoff.initial,
+        backoff_max_s=delivery.backoff.max,
+        jitter=delivery.backoff.jitter,
+    )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one delivery attempt came to, for logs, metrics and tests."""
+
+    task_id: str
+    worker: str
+    kind: str  # "succeeded" | "released" | "failed" | "retry" | "lost-lease"
+    duration_s: float
+    detail: str = ""
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        queue: TaskQueue,
+        registry: Registry,
+        pools: Callable[[], dict[str, WorkerPool]],
+        session: aiohttp.ClientSession,
+        idle_poll_s: float = 0.25,
+        on_outcome: Callable[[Outcome], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._queue = queue
+        self._registry = registry
+        self._pools = pools
+        self._session = session
+        self.idle_poll_s = idle_poll_s
+        self._on_outcome = on_outcome
+        self._clock = clock
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._deliveries: set[asyncio.Task[None]] = set()
+        # Workers that answered 429 are skipped until this monotonic time.
+        self._full_until: dict[str, float] = {}
+        registry.subscribe(lambda _event: self._wakeup.set())
+
+    def wake(self) -> None:
+        """Called on every enqueue so that a waiting task leaves without polling delay."""
+        self._wakeup.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._deliveries)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run(), name="dispatcher")
+
+    async def stop(self, *, drain_timeout_s: float = 0.0) -> None:
+        """Stops leasing; waits up to ``drain_timeout_s`` for deliveries, then abandons them.
+
+        Abandoned leases are not acked: they expire and the tasks run again,
+        which is the at-least-once promise.
+        """
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._deliveries and drain_timeout_s > 0:
+            await asyncio.wait(self._deliveries, timeout=drain_timeout_s)
+        for delivery in list(self._deliveries):
+            delivery.cancel()
+        if self._deliveries:
+            await asyncio.gather(*self._deliveries, return_exceptions=True)
+
+    async def run(self) -> None:
+        while True:
+            self._wakeup.clear()
+            try:
+                await self.dispatch_once()
+            except QueueUnavailable as exc:
+                logger.warning("queue unavailable, dispatch retries in %.1fs: %s", 1.0, exc)
+                await asyncio.sleep(1.0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=self.idle_poll_s)
+
+    async def dispatch_once(self) -> int:
+        """Leases as many tasks as there are free slots on routable workers; returns how many."""
+        started = 0
+        for name, pool in self._pools().items():
+            while True:
+                worker = self._pick(name)
+                if worker is None:
+                    break
+                task = await self._queue.lease(
+                    name, worker=worker.name, lease_s=pool.spec.delivery.lease_timeout
+                )
+                if task is None:
+                    break
+                self._registry.acquire_slot(worker.worker_id)
+                delivery = asyncio.get_running_loop().create_task(
+                    self._deliver(task, worker, pool), name=f"deliver-{task.id}"
+                )
+                self._deliveries.add(delivery)
+                delivery.add_done_callback(self._deliveries.discard)
+                started += 1
+        return started
+
+    def _pick(self, pool: str) -> WorkerRecord | None:
+        now = self._clock()
+        workers = [
+            w for w in self._registry.list(pool) if self._full_until.get(w.worker_id, 0.0) <= now
+        ]
+        return pick_least_connections(workers)
+
+    async def _deliver(self, task: Task, worker: WorkerRecord, pool: WorkerPool) -> None:
+        started = self._clock()
+        lease_s = pool.spec.delivery.lease_timeout
+        keeper = asyncio.get_running_loop().create_task(self._keep_lease(task, worker, lease_s))
+        processed = failed = False
+        try:
+            kind, detail = await self._post(task, worker)
+        except asyncio.CancelledError:
+            # Shutdown: hand the task back now rather than when its lease expires.
+            # The worker may still finish it, so it may run twice (at-least-once).
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._queue.release(task.id, worker=worker.name))
+            self._registry.release_slot(worker.worker_id)
+            raise
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+        try:
+            kind, processed, failed = await self._settle(task, worker, pool, kind, detail)
+        except QueueUnavailable as exc:
+            # The lease will expire and the task run again: at-least-once, not lost.
+            logger.warning(
+                "could not record the outcome of task %s: %s",
+                task.id,
+                exc,
+                extra={logfields.TASK_ID: task.id},
+            )
+            kind = "unrecorded"
+        finally:
+            self._registry.release_slot(worker.worker_id, processed=processed, failed=failed)
+        outcome = Outcome(
+            task_id=task.id,
+            worker=worker.name,
+            kind=kind,
+            duration_s=self._clock() - started,
+            detail=detail if isinstance(detail, str) else "",
+        )
+        if self._on_outcome is not None:
+            self._on_outcome(outcome)
+
+    async def _settle(
+        self, task: Task, worker: WorkerRecord, pool: WorkerPool, kind: str, detail: Any
+    ) -> tuple[str, bool, bool]:
+        """Writes the outcome to the queue; returns (kind, processed, failed) for the registry."""
+        log_extra = {logfields.TASK_ID: task.id, logfields.WORKER_ID: worker.short_id}
+        if kind == "succeeded":
+            if await self._queue.ack(task.id, worker=worker.name, result=detail):
+                return "succeeded", True, False
+            logger.warning(
+                "task %s finished on %s after its lease moved on; result dropped",
+                task.id,
+                worker.name,
+                extra=log_extra,
+            )
+            return "lost-lease", True, False
+        if kind == "released":
+            await self._queue.release(task.id, worker=worker.name)
+            return "released", False, False
+        permanent = kind == "failed"
+        updated = await self._queue.fail(
+            task.id,
+            worker=worker.name,
+            error=str(detail),
+            retry=retry_policy_of(pool),
+            permanent=permanent,
+        )
+        state = updated.state if updated is not None else "unknown"
+        logger.info(
+            "task %s attempt %d on %s did not succeed (%s); now %s",
+            task.id,
+            task.attempts,
+            worker.name,
+            detail,
+            state,
+            extra={**log_extra, logfields.ATTEMPT: task.attempts},
+        )
+        return ("failed" if permanent else "retry"), False, True
+
+    async def _post(self, task: Task, worker: WorkerRecord) -> tuple[str, Any]:
+        url = f"http://{worker.host}:{worker.host_port}/process-task"
+        body: dict[str, Any] = {"id": task.id, "payload": task.payload}
+        if task.work_seconds is not None:
+            body["work_seconds"] = task.work_seconds
+        headers = {"traceparent": task.traceparent} if task.traceparent else {}
+        try:
+            async with self._session.post(url, json=body, headers=headers) as response:
+                if response.status == 200:
+                    return "succeeded", await response.json()
+                text = (await response.text())[:500]
+                if response.status in (429, 503):
+                    # Full or draining: our slot count was stale. Skip it briefly.
+                    self._full_until[worker.worker_id] = self._clock() + 0.2
+                    return "released", f"worker answered {response.status}"
+                if response.status == 422:
+                    return "failed", _error_text(text) or "task rejected by worker"
+                return "retry", f"worker answered {response.status}: {_error_text(text)}"
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            self._registry.mark_unhealthy(worker.worker_id, eject=True)
+            return "retry", f"connection to {worker.name} failed: {type(exc).__name__}: {exc}"
+
+    async def _keep_lease(self, task: Task, worker: WorkerRecord, lease_s: float) -> None:
+        """Extends the lease every third of its length while the worker holds the task."""
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            try:
+                if not await self._queue.extend(task.id, worker=worker.name, lease_s=lease_s):
+                    return
+            except QueueUnavailable as exc:
+                logger.warning("could not extend the lease of task %s: %s", task.id, exc)
+
+
+def _error_text(text: str) -> str:
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text.strip()
+    if isinstance(body, dict) and "error" in body:
+        return str(body["error"])
+    return text.strip()

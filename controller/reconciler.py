@@ -1,0 +1,595 @@
+"""The reconciler: the only code that starts and stops workers.
+
+One pass, per pool: read the policy, observe (registry, queue counts), decide
+(``autoscaler.decide``), plan (``plan.plan``), apply, write status. Passes run
+every evaluation interval and whenever something wakes the loop (an enqueue, a
+container event, a policy edit, a worker becoming ready); each pass recomputes
+everything from what it observes, so a missed wake-up costs latency, never
+correctness (level-triggered).
+
+Observation of the engine itself (``relist``) is separate from the pass: it
+adopts running containers with our labels, notices dead ones, and drops
+registry entries whose container is gone. It runs at start, on every runtime
+event and every ``relist_interval_s``.
+
+Side effects are single-flight: at most ``spawn.maxInFlight`` starts per pool,
+at least ``spawn.minInterval`` apart, and one stop per worker at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller import logfields
+from controller.autoscaler import Decision, History, PoolMetrics, decide
+from controller.errors import QueueUnavailable, TransientError
+from controller.plan import Action, PlanInput, plan
+from controller.policy import WorkerPool
+from controller.queues.base import QueueCounts, TaskQueue
+from controller.registry import Registry, WorkerRecord
+from controller.runtimes.base import (
+    ObservedWorker,
+    Runtime,
+    WorkerId,
+    WorkerSpec,
+)
+from controller.store import PolicyStore
+
+logger = logging.getLogger(__name__)
+
+_MAX_EVENTS = 1000
+# A crashed worker is replaced at once the first time; repeated crashes within
+# this window back off exponentially, up to the cap.
+_CRASH_WINDOW_S = 120.0
+_BACKOFF_CAP_S = 60.0
+
+
+@dataclass(frozen=True)
+class ScalingEvent:
+    time: float  # unix
+    pool: str
+    from_replicas: int
+    to_replicas: int
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "time": self.time,
+            "pool": self.pool,
+            "from": self.from_replicas,
+            "to": self.to_replicas,
+            "reason": self.reason,
+        }
+
+
+@dataclass
+class PoolRuntimeState:
+    """What the reconciler keeps per pool between passes (never the truth about workers)."""
+
+    history: History = field(default_factory=History.empty)
+    desired: int | None = None
+    decision: Decision | None = None
+    decided_at: float | None = None
+    pending_spawns: dict[str, float] = field(default_factory=dict)  # name -> monotonic start
+    last_spawn_at: float = -math.inf  # monotonic
+    spawn_failures: int = 0
+    backoff_until: float = -math.inf  # monotonic
+    crashes: collections.deque[float] = field(default_factory=collections.deque)
+    last_error: str | None = None
+    startup_s: float | None = None  # EWMA of spawn -> ready
+    service_time_s: float | None = None  # EWMA of task run time
+    counts: QueueCounts = field(default_factory=QueueCounts)
+
+
+def _ewma(previous: float | None, sample: float, *, alpha: float = 0.3) -> float:
+    return sample if previous is None else previous + alpha * (sample - previous)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        store: PolicyStore,
+        registry: Registry,
+        runtime: Runtime,
+        queue: TaskQueue,
+        arrivals: Callable[[str], int],
+        relist_interval_s: float = 5.0,
+        extra_labels: dict[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._runtime = runtime
+        self._queue = queue
+        self._arrivals = arrivals
+        self.relist_interval_s = relist_interval_s
+        self._extra_labels = dict(extra_labels or {})
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self.pools: dict[str, PoolRuntimeState] = {}
+        self.events: collections.deque[ScalingEvent] = collections.deque(maxlen=_MAX_EVENTS)
+        self._wakeup = asyncio.Event()
+        self._relist_wanted = asyncio.Event()
+        self._stopping: dict[WorkerId, asyncio.Task[None]] = {}
+        self._spawning: set[asyncio.Task[None]] = set()
+        self._spawn_started: dict[WorkerId, float] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.passes = 0
+        self.last_pass_s = 0.0
+        self._last_relist = -math.inf
+
+    # -- wiring -------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._loop(), name="reconcile-loop"),
+            loop.create_task(self._follow_events(), name="runtime-events"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._spawning:
+            # A start in progress finishes (or fails and cleans up) before we return,
+            # so shutdown sees every container that was made.
+            await asyncio.gather(*self._spawning, return_exceptions=True)
+
+    def on_worker_ready(self, worker: WorkerRecord, probe_startup_s: float) -> None:
+        state = self.pools.get(worker.pool)
+        if state is None:
+            return
+        started = self._spawn_started.pop(worker.worker_id, None)
+        startup_s = self._clock() - started if started is not None else probe_startup_s
+        state.startup_s = _ewma(state.startup_s, startup_s)
+        state.spawn_failures = 0
+        self.wake()
+
+    def on_task_done(self, pool: str, run_s: float) -> None:
+        state = self.pools.get(pool)
+        if state is not None:
+            state.service_time_s = _ewma(state.service_time_s, run_s, alpha=0.1)
+
+    # -- observing the engine --------------------------------------------------
+
+    async def relist(self) -> None:
+        """Brings the registry in line with the engine: adopt, notice deaths, forget the gone."""
+        observed = await self._runtime.list()
+        self._last_relist = self._clock()
+        pools = self._store.pools
+        pending = {name for s in self.pools.values() for name in s.pending_spawns}
+        seen: set[WorkerId] = set()
+
+        for worker in observed:
+            seen.add(worker.worker_id)
+            if worker.name in pending or worker.worker_id in self._stopping:
+                continue
+            known = self._registry.get(worker.worker_id)
+            if worker.engine_state == "running":
+                if known is None:
+                    self._adopt(worker, pools.get(worker.pool))
+                continue
+            if worker.engine_state == "created":
+                continue
+            # Exited or unknown, and not something we are stopping: it died on its own.
+            self._note_crash(worker, known)
+
+        for record in self._registry.list():
+            if record.worker_id not in seen and record.worker_id not in self._stopping:
+                if record.name in pending:
+                    continue
+                self._registry.remove(record.worker_id)
+                logger.warning(
+                    "worker %s vanished from the engine",
+                    record.name,
+                    extra={logfields.WORKER_ID: record.short_id, logfields.POOL: record.pool},
+                )
+
+    def _adopt(self, worker: ObservedWorker, pool: WorkerPool | None) -> None:
+        if pool is None:
+            # Ours, but its pool is no longer declared: it goes.
+            logger.info(
+                "stopping worker %s of undeclared pool %r",
+                worker.name,
+                worker.pool,
+                extra={logfields.WORKER_ID: worker.short_id},
+            )
+            self._stop_in_background(worker.worker_id, name=worker.name, grace_s=10.0)
+            return
+        self._registry.add(
+            worker_id=worker.worker_id,
+            name=worker.name,
+            pool=worker.pool,
+            template_hash=worker.template_hash,
+            host=worker.host,
+            host_port=worker.host_port,
+            concurrency=pool.spec.template.concurrency,
+        )
+        logger.info(
+            "adopted worker %s on 127.0.0.1:%s",
+            worker.name,
+            worker.host_port,
+            extra={
+                logfields.POOL: worker.pool,
+                logfields.CONTAINER_ID: worker.short_id,
+                logfields.HOST_PORT: worker.host_port,
+            },
+        )
+
+    def _note_crash(self, worker: ObservedWorker, known: WorkerRecord | None) -> None:
+        state = self.pools.setdefault(worker.pool, PoolRuntimeState())
+        now = self._clock()
+        state.crashes.append(now)
+        while state.crashes and now - state.crashes[0] > _CRASH_WINDOW_S:
+            state.crashes.popleft()
+        if len(state.crashes) > 1:
+            delay = min(_BACKOFF_CAP_S, 0.5 * 2 ** (len(state.crashes) - 1))
+            state.backoff_until = max(state.backoff_until, now + delay)
+        logger.warning(
+            "worker %s exited on its own (exit code %s); replacing it%s",
+            worker.name,
+            worker.exit_code,
+            f" after {state.backoff_until - now:.1f}s back-off"
+            if state.backoff_until > now
+            else "",
+            extra={logfields.CONTAINER_ID: worker.short_id, logfields.POOL: worker.pool},
+        )
+        if known is not None:
+            self._registry.remove(worker.worker_id)
+        self._stop_in_background(worker.worker_id, name=worker.name, grace_s=0.0)
+
+    async def _follow_events(self) -> None:
+        while True:
+            try:
+                async for _event in self._runtime.events():
+                    self._relist_wanted.set()
+                    self.wake()
+            except TransientError as exc:
+                logger.warning("runtime event stream broke, reconnecting: %s", exc)
+            await asyncio.sleep(1.0)
+
+    # -- the loop --------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            self._wakeup.clear()
+            try:
+                await self.reconcile()
+            except TransientError as exc:
+                logger.warning("reconcile pass failed, retrying: %s", exc)
+                await asyncio.sleep(exc.retry_after_s)
+            except Exception:
+                # NB: the loop must outlive a bad pass; the traceback is the news here.
+                logger.exception("reconcile pass failed unexpectedly")
+                await asyncio.sleep(1.0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=self._next_wait_s())
+
+    def _next_wait_s(self) -> float:
+        now = self._clock()
+        waits = [self.relist_interval_s - (now - self._last_relist)]
+        for name, pool in self._store.pools.items():
+            waits.append(pool.spec.scaling.evaluation_interval)
+            state = self.pools.get(name)
+            if state is None:
+                continue
+            interval = pool.spec.scaling.spawn.min_interval
+            for deadline in (state.last_spawn_at + interval, state.backoff_until):
+                if deadline > now:
+                    waits.append(deadline - now)
+        return max(0.01, min(waits))
+
+    async def reconcile(self) -> None:
+        """One level-triggered pass over every pool. Safe to call at any time."""
+        started = self._clock()
+        if self._relist_wanted.is_set() or started - self._last_relist >= self.relist_interval_s:
+            self._relist_wanted.clear()
+            await self.relist()
+
+        pools = self._store.pools
+        for name, pool in pools.items():
+            try:
+                await self._reconcile_pool(name, pool)
+            except QueueUnavailable as exc:
+                self.pools.setdefault(name, PoolRuntimeState()).last_error = str(exc)
+                logger.warning("pool %s: queue unavailable: %s", name, exc)
+
+        # Workers of pools that were removed from the manifests drain away.
+        for record in self._registry.list():
+            if record.pool not in pools and record.state in ("starting", "ready"):
+                self._drain(record, reason="pool removed from manifests")
+            elif record.pool not in pools and record.state == "draining" and record.in_flight == 0:
+                self._stop_in_background(record.worker_id, name=record.name, grace_s=10.0)
+
+        self.passes += 1
+        self.last_pass_s = self._clock() - started
+
+    async def _reconcile_pool(self, name: str, pool: WorkerPool) -> None:
+        state = self.pools.setdefault(name, PoolRuntimeState())
+        spec = pool.spec
+        now = self._clock()
+        counts = await self._queue.counts(name)
+        state.counts = counts
+        workers = self._registry.list(name)
+        pending = len(state.pending_spawns)
+
+        metrics = PoolMetrics(
+            now_s=now,
+            queued=counts.queued,
+            in_flight=counts.running,
+            ready=sum(1 for w in workers if w.state == "ready"),
+            starting=sum(1 for w in workers if w.state == "starting") + pending,
+            draining=sum(1 for w in workers if w.state == "draining"),
+            concurrency=spec.template.concurrency,
+            arrivals_total=self._arrivals(name),
+            service_time_s=state.service_time_s,
+            startup_s=state.startup_s,
+        )
+        decision = decide(spec, metrics, state.history)
+        state.history = decision.history
+        self._record_decision(name, state, decision)
+
+        can_spawn = (
+            pending < spec.scaling.spawn.max_in_flight
+            and now - state.last_spawn_at >= spec.scaling.spawn.min_interval
+            and now >= state.backoff_until
+        )
+        actions = plan(
+            PlanInput(
+                desired=decision.desired,
+                workers=workers,
+                template_hash=spec.template.template_hash(),
+                spawns_in_flight=pending,
+                can_spawn=can_spawn,
+                drain_timeout_s=spec.scaling.scale_down.drain_timeout,
+                now=self._wall_clock(),
+            )
+        )
+        for action in actions:
+            self._apply(name, pool, state, action)
+
+    def _record_decision(self, name: str, state: PoolRuntimeState, decision: Decision) -> None:
+        previous = state.desired
+        state.decision = decision
+        state.decided_at = self._wall_clock()
+        if previous == decision.desired:
+            return
+        state.desired = decision.desired
+        event = ScalingEvent(
+            time=self._wall_clock(),
+            pool=name,
+            from_replicas=previous if previous is not None else 0,
+            to_replicas=decision.desired,
+            reason=decision.reason,
+        )
+        self.events.append(event)
+        logger.info(
+            "pool %s: desired %s -> %d: %s",
+            name,
+            previous,
+            decision.desired,
+            decision.reason,
+            extra={
+                logfields.POOL: name,
+                logfields.DESIRED: decision.desired,
+                logfields.REASON: decision.reason,
+            },
+        )
+
+    # -- applying ----------------------------------------------------------------
+
+    def _apply(self, name: str, pool: WorkerPool, state: PoolRuntimeState, action: Action) -> None:
+        logger.debug("pool %s: %s", name, action.describe(), extra={logfields.ACTION: action.kind})
+        if action.kind == "spawn":
+            self._spawn(name, pool, state, reason=action.reason)
+        elif action.kind == "drain" and action.worker is not None:
+            self._drain(action.worker, reason=action.reason)
+        elif action.kind == "stop" and action.worker is not None:
+            self._stop_in_background(
+                action.worker.worker_id,
+                name=action.worker.name,
+                grace_s=pool.spec.scaling.scale_down.grace_period,
+                reason=action.reason,
+            )
+
+    def _spawn(self, name: str, pool: WorkerPool, state: PoolRuntimeState, *, reason: str) -> None:
+        template = pool.spec.template
+        worker_name = f"shoal-{name}-{secrets.token_hex(3)}"
+        spec = WorkerSpec(
+            pool=name,
+            name=worker_name,
+            image=template.image,
+            port=template.port,
+            concurrency=template.concurrency,
+            template_hash=template.template_hash(),
+            env=dict(template.env),
+            memory_bytes=template.resources.memory,
+            cpus=template.resources.cpus,
+            pids=template.resources.pids,
+            labels=self._extra_labels,
+        )
+        now = self._clock()
+        state.pending_spawns[worker_name] = now
+        state.last_spawn_at = now
+        task = asyncio.get_running_loop().create_task(
+            self._run_spawn(state, spec, reason=reason, started=now), name=f"spawn-{worker_name}"
+        )
+        self._spawning.add(task)
+        task.add_done_callback(self._spawning.discard)
+
+    async def _run_spawn(
+        self, state: PoolRuntimeState, spec: WorkerSpec, *, reason: str, started: float
+    ) -> None:
+        try:
+            observed = await self._runtime.start(spec)
+        except TransientError as exc:
+            state.spawn_failures += 1
+            delay = min(_BACKOFF_CAP_S, 0.5 * 2 ** (state.spawn_failures - 1))
+            state.backoff_until = self._clock() + delay
+            state.last_error = f"start of {spec.name} failed: {exc}"
+            logger.warning(
+                "start of worker %s failed (attempt %d), next try in %.1fs: %s",
+                spec.name,
+                state.spawn_failures,
+                delay,
+                exc,
+                extra={logfields.POOL: spec.pool, logfields.ATTEMPT: state.spawn_failures},
+            )
+            return
+        finally:
+            state.pending_spawns.pop(spec.name, None)
+            self.wake()
+
+        state.last_error = None
+        self._spawn_started[observed.worker_id] = started
+        self._registry.add(
+            worker_id=observed.worker_id,
+            name=observed.name,
+            pool=spec.pool,
+            template_hash=spec.template_hash,
+            host=observed.host,
+            host_port=observed.host_port,
+            concurrency=spec.concurrency,
+        )
+        logger.info(
+            "started worker %s (%s) on 127.0.0.1:%s: %s",
+            observed.name,
+            observed.short_id,
+            observed.host_port,
+            reason,
+            extra={
+                logfields.POOL: spec.pool,
+                logfields.CONTAINER_ID: observed.short_id,
+                logfields.CONTAINER_NAME: observed.name,
+                logfields.HOST_PORT: observed.host_port,
+                logfields.REASON: reason,
+            },
+        )
+
+    def _drain(self, worker: WorkerRecord, *, reason: str) -> None:
+        if self._registry.mark_draining(worker.worker_id) is None:
+            return
+        logger.info(
+            "draining worker %s (%s) on 127.0.0.1:%s with %d task(s) in flight: %s",
+            worker.name,
+            worker.short_id,
+            worker.host_port,
+            worker.in_flight,
+            reason,
+            extra={
+                logfields.POOL: worker.pool,
+                logfields.CONTAINER_ID: worker.short_id,
+                logfields.HOST_PORT: worker.host_port,
+                logfields.REASON: reason,
+            },
+        )
+        self.wake()
+
+    def _stop_in_background(
+        self, worker_id: WorkerId, *, name: str, grace_s: float, reason: str = ""
+    ) -> None:
+        if worker_id in self._stopping:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._run_stop(worker_id, name=name, grace_s=grace_s, reason=reason),
+            name=f"stop-{name}",
+        )
+        self._stopping[worker_id] = task
+
+    async def _run_stop(
+        self, worker_id: WorkerId, *, name: str, grace_s: float, reason: str
+    ) -> None:
+        record = self._registry.get(worker_id)
+        try:
+            # NB: the worker leaves routing before its container is stopped.
+            if record is not None and record.state != "draining":
+                self._registry.mark_draining(worker_id)
+            await self._runtime.stop(worker_id, grace_s=grace_s)
+            self._registry.remove(worker_id)
+            if reason:
+                logger.info(
+                    "stopped worker %s (%s) on 127.0.0.1:%s: %s",
+                    name,
+                    worker_id[:12],
+                    record.host_port if record else None,
+                    reason,
+                    extra={
+                        logfields.CONTAINER_ID: worker_id[:12],
+                        logfields.CONTAINER_NAME: name,
+                        logfields.REASON: reason,
+                    },
+                )
+        except TransientError as exc:
+            logger.warning("stop of worker %s failed, will retry: %s", name, exc)
+        finally:
+            self._stopping.pop(worker_id, None)
+            self.wake()
+
+    async def stop_all(self, *, grace_s: float) -> int:
+        """Stops every worker this controller owns (shutdown without --keep-workers)."""
+        observed = await self._runtime.list()
+        for worker in observed:
+            self._stop_in_background(
+                worker.worker_id, name=worker.name, grace_s=grace_s, reason="shutdown"
+            )
+        if self._stopping:
+            await asyncio.gather(*self._stopping.values(), return_exceptions=True)
+        return len(observed)
+
+    # -- status --------------------------------------------------------------------
+
+    def status(self, name: str) -> dict[str, Any]:
+        pool = self._store.get(name)
+        state = self.pools.get(name, PoolRuntimeState())
+        workers = self._registry.list(name)
+        decision = state.decision
+        by_state = collections.Counter(w.state for w in workers)
+        return {
+            "pool": name,
+            "declared": pool is not None,
+            "replicas": (
+                {"min": pool.spec.replicas.min, "max": pool.spec.replicas.max} if pool else None
+            ),
+            "desired": state.desired,
+            "ready": by_state.get("ready", 0),
+            "starting": by_state.get("starting", 0) + len(state.pending_spawns),
+            "draining": by_state.get("draining", 0),
+            "spawnsInFlight": len(state.pending_spawns),
+            "queue": state.counts.to_json(),
+            "lastDecision": (
+                {
+                    "desired": decision.desired,
+                    "reason": decision.reason,
+                    "at": state.decided_at,
+                    "panic": decision.panic,
+                    "forecastRatePerS": decision.forecast_rate_per_s,
+                    "forecastReplicas": decision.forecast_replicas,
+                }
+                if decision is not None
+                else None
+            ),
+            "panic": decision.panic if decision is not None else False,
+            "startupS": state.startup_s,
+            "serviceTimeS": state.service_time_s,
+            "backoffS": max(0.0, state.backoff_until - self._clock()),
+            "lastError": state.last_error,
+            "templateHash": pool.spec.template.template_hash() if pool else None,
+        }

@@ -1,0 +1,64 @@
+"""Shared fixtures: the Docker engine gate, unique labels, and the worker image.
+
+Docker tests skip when no engine answers, except under ``CI=true``, where a
+missing engine fails them: CI must exercise real containers.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER_IMAGE = os.environ.get("SHOAL_WORKER_IMAGE", "shoal/worker:latest")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[object]:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=10)
+        client.ping()
+    except Exception as exc:  # any failure to reach the engine means the same here
+        if _in_ci():
+            pytest.fail(f"CI=true but no Docker engine answers: {exc}")
+        pytest.skip(f"no Docker engine: {exc}")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def worker_image(docker_client: object) -> str:
+    """Makes sure the worker image exists, building it once per session if needed."""
+    import docker
+
+    assert isinstance(docker_client, docker.DockerClient)
+    try:
+        docker_client.images.get(WORKER_IMAGE)
+    except docker.errors.ImageNotFound:
+        subprocess.run([str(REPO / "hack" / "build-images.sh")], check=True, timeout=900)
+    return WORKER_IMAGE
+
+
+@pytest.fixture
+def instance_label(docker_client: object) -> Iterator[str]:
+    """A unique ``shoal.instance`` for one test; its containers are removed afterwards."""
+    import docker
+
+    assert isinstance(docker_client, docker.DockerClient)
+    instance = f"test-{secrets.token_hex(4)}"
+    yield instance
+    for container in docker_client.containers.list(
+        all=True, filters={"label": f"shoal.instance={instance}"}
+    ):
+        container.remove(force=True)
