@@ -1,0 +1,1 @@
+"""Shoal's HTTP side: the API, the status views and the balancer."""

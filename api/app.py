@@ -1,0 +1,39 @@
+"""The aiohttp application factory.
+
+``make_app`` wires the routes to a ``Controller``; when ``manage_controller``
+is set, the app's cleanup context starts the controller with the server and
+stops it (and its workers) when the server stops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from api.keys import CONTROLLER, MAX_BODY_BYTES
+from api.routes import errors_middleware, routes
+from controller.manager import Controller
+
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+
+def make_app(
+    controller: Controller,
+    *,
+    manage_controller: bool = True,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=max_body_bytes)
+    app[CONTROLLER] = controller
+    app[MAX_BODY_BYTES] = max_body_bytes
+    app.add_routes(routes)
+    if manage_controller:
+
+        async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+            await controller.start()
+            yield
+            await controller.stop()
+
+        app.cleanup_ctx.append(lifecycle)
+    return app

@@ -1,0 +1,403 @@
+"""HTTP handlers: enqueue and watch tasks, read status and metrics.
+
+Handlers validate input (``api.models``), call the controller, and shape JSON.
+They hold no business logic: the queue decides task states, the reconciler
+decides replicas. Errors are JSON ``{"error": ..., "problems": [...]}`` with a
+4xx status; nothing is stored when a request is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from api.keys import CONTROLLER, MAX_BODY_BYTES
+from api.models import (
+    DequeueBody,
+    DispatchBody,
+    EnqueueBody,
+    HeartbeatBody,
+    ResultBody,
+    describe_validation_error,
+)
+from controller.dispatcher import retry_policy_of
+from controller.errors import QueueUnavailable, UnknownPool
+from controller.manager import Controller
+from controller.queues.base import FINAL_STATES, TASK_STATES, EnqueueRequest, Task, TaskState
+from controller.registry import WatchExpired
+
+logger = logging.getLogger(__name__)
+
+routes = web.RouteTableDef()
+BodyT = TypeVar("BodyT", bound=BaseModel)
+
+
+def json_error(
+    status: int, message: str, *, headers: dict[str, str] | None = None, **extra: Any
+) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status, headers=headers)
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, *, status: int = 400, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.extra = extra
+
+
+async def read_body(request: web.Request, model: type[BodyT]) -> BodyT:
+    if request.content_type not in ("application/json", "", "application/octet-stream"):
+        raise BadRequest(
+            f"Content-Type must be application/json, not {request.content_type}", status=415
+        )
+    raw = await request.read()
+    if not raw.strip():
+        raise BadRequest("request body is empty; send a JSON object")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BadRequest(f"request body must be a JSON object, not {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = describe_validation_error(exc)
+        summary = "; ".join(f"{p['field']}: {p['reason']}" for p in problems)
+        raise BadRequest(f"invalid request: {summary}", problems=problems) from exc
+
+
+def _controller(request: web.Request) -> Controller:
+    return request.app[CONTROLLER]
+
+
+def _enqueue_request(
+    controller: Controller, body: EnqueueBody, request: web.Request
+) -> EnqueueRequest:
+    pool = controller.store.get(body.pool)
+    if pool is None:
+        raise UnknownPool(body.pool)
+    return EnqueueRequest(
+        pool=body.pool,
+        payload=body.payload,
+        work_seconds=body.work_seconds,
+        max_attempts=body.max_attempts or pool.spec.delivery.max_attempts,
+        idempotency_key=body.idempotency_key or request.headers.get("Idempotency-Key"),
+        traceparent=request.headers.get("traceparent"),
+    )
+
+
+@routes.post("/enqueue-task")
+async def enqueue_task(request: web.Request) -> web.Response:
+    controller = _controller(request)
+    body = await read_body(request, EnqueueBody)
+    task, created = await controller.submit(_enqueue_request(controller, body, request))
+    return web.json_response(
+        {"id": task.id, "pool": task.pool, "state": task.state, "created": created},
+        status=202 if created else 200,
+        headers={"Location": f"/tasks/{task.id}"},
+    )
+
+
+@routes.post("/dispatch-task")
+async def dispatch_task(request: web.Request) -> web.Response:
+    """Enqueues a task and waits for its outcome up to ``timeout_s`` (a synchronous submit)."""
+    controller = _controller(request)
+    body = await read_body(request, DispatchBody)
+    task, _created = await controller.submit(_enqueue_request(controller, body, request))
+    deadline = time.monotonic() + body.timeout_s
+    while task.state not in FINAL_STATES and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        current = await controller.queue.get(task.id)
+        if current is not None:
+            task = current
+    status = 200 if task.state in FINAL_STATES else 202
+    return web.json_response(
+        task.to_json(), status=status, headers={"Location": f"/tasks/{task.id}"}
+    )
+
+
+@routes.get("/tasks/{id}")
+async def get_task(request: web.Request) -> web.Response:
+    task = await _controller(request).queue.get(request.match_info["id"])
+    if task is None:
+        return json_error(404, f"no task with id {request.match_info['id']!r}")
+    return web.json_response(task.to_json())
+
+
+@routes.get("/tasks")
+async def list_tasks(request: web.Request) -> web.Response:
+    controller = _controller(request)
+    state = request.query.get("state")
+    if state is not None and state not in TASK_STATES:
+        raise BadRequest(f"state must be one of {', '.join(TASK_STATES)}")
+    pool = request.query.get("pool")
+    if pool is not None and controller.store.get(pool) is None:
+        raise UnknownPool(pool)
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError as exc:
+        raise BadRequest("limit must be an integer") from exc
+    if not 1 <= limit <= 1000:
+        raise BadRequest("limit must be between 1 and 1000")
+    tasks = await controller.queue.list(
+        pool=pool,
+        state=_as_state(state),
+        limit=limit,
+        after=request.query.get("after"),
+    )
+    page: dict[str, Any] = {"items": [t.to_json() for t in tasks]}
+    if len(tasks) == limit:
+        page["next"] = tasks[-1].id
+    return web.json_response(page)
+
+
+def _as_state(state: str | None) -> TaskState | None:
+    for known in TASK_STATES:
+        if known == state:
+            return known
+    return None
+
+
+@routes.post("/tasks/{id}/cancel")
+async def cancel_task(request: web.Request) -> web.Response:
+    task = await _controller(request).queue.cancel(request.match_info["id"])
+    if task is None:
+        return json_error(404, f"no task with id {request.match_info['id']!r}")
+    if task.state != "cancelled":
+        return json_error(409, f"task is {task.state}; only queued tasks can be cancelled")
+    return web.json_response(task.to_json())
+
+
+@routes.post("/tasks/{id}/redrive")
+async def redrive_task(request: web.Request) -> web.Response:
+    controller = _controller(request)
+    existing = await controller.queue.get(request.match_info["id"])
+    if existing is None:
+        return json_error(404, f"no task with id {request.match_info['id']!r}")
+    if existing.state not in ("dead", "failed"):
+        return json_error(409, f"task is {existing.state}; only dead or failed tasks are redriven")
+    task = await controller.queue.redrive(existing.id)
+    if task is None:
+        return json_error(409, "task changed while being redriven; try again")
+    controller.reconciler.wake()
+    if controller.dispatcher is not None:
+        controller.dispatcher.wake()
+    return web.json_response(task.to_json())
+
+
+@routes.post("/dequeue-task")
+async def dequeue_task(request: web.Request) -> web.Response:
+    """Pull mode: a worker leases the next task and reports to ``/tasks/{id}/result``."""
+    controller = _controller(request)
+    body = await read_body(request, DequeueBody)
+    pool = controller.store.get(body.pool)
+    if pool is None:
+        raise UnknownPool(body.pool)
+    lease_s = body.lease_s or pool.spec.delivery.lease_timeout
+    task = await controller.queue.lease(body.pool, worker=body.worker, lease_s=lease_s)
+    if task is None:
+        return web.Response(status=204)
+    return web.json_response(task.to_json())
+
+
+@routes.post("/tasks/{id}/result")
+async def report_result(request: web.Request) -> web.Response:
+    controller = _controller(request)
+    body = await read_body(request, ResultBody)
+    task_id = request.match_info["id"]
+    task = await controller.queue.get(task_id)
+    if task is None:
+        return json_error(404, f"no task with id {task_id!r}")
+    pool = controller.store.get(task.pool)
+    if body.error is None:
+        accepted = await controller.queue.ack(task_id, worker=body.worker, result=body.result)
+        updated: Task | None = await controller.queue.get(task_id) if accepted else None
+    else:
+        updated = await controller.queue.fail(
+            task_id,
+            worker=body.worker,
+            error=body.error,
+            retry=retry_policy_of(pool) if pool is not None else None,
+            permanent=body.permanent,
+        )
+    if updated is None:
+        return json_error(409, f"worker {body.worker!r} does not hold the lease of task {task_id}")
+    if controller.dispatcher is not None:
+        controller.dispatcher.wake()
+    return web.json_response(updated.to_json())
+
+
+@routes.post("/tasks/{id}/heartbeat")
+async def heartbeat(request: web.Request) -> web.Response:
+    controller = _controller(request)
+    body = await read_body(request, HeartbeatBody)
+    task_id = request.match_info["id"]
+    task = await controller.queue.get(task_id)
+    if task is None:
+        return json_error(404, f"no task with id {task_id!r}")
+    pool = controller.store.get(task.pool)
+    lease_s = body.lease_s or (pool.spec.delivery.lease_timeout if pool else 30.0)
+    if not await controller.queue.extend(task_id, worker=body.worker, lease_s=lease_s):
+        return json_error(409, f"worker {body.worker!r} does not hold the lease of task {task_id}")
+    return web.json_response({"id": task_id, "leaseS": lease_s})
+
+
+# -- status and metrics -----------------------------------------------------------
+
+
+async def _queue_lengths(controller: Controller) -> dict[str, dict[str, int]]:
+    names = sorted(controller.store.pools)
+    counts = await asyncio.gather(*(controller.queue.counts(n) for n in names))
+    return {name: c.to_json() for name, c in zip(names, counts, strict=True)}
+
+
+async def metrics_json(controller: Controller) -> dict[str, Any]:
+    queues = await _queue_lengths(controller)
+    snapshot = controller.snapshot()
+    workers = controller.registry.list()
+    live = [w for w in workers if w.state in ("starting", "ready")]
+    pools = {}
+    for name, status in snapshot["pools"].items():
+        pools[name] = {
+            "queueLength": queues[name]["queued"],
+            "running": queues[name]["running"],
+            "ready": status["ready"],
+            "starting": status["starting"],
+            "draining": status["draining"],
+            "desired": status["desired"],
+            "tasks": queues[name],
+        }
+    return {
+        "queueLength": sum(q["queued"] for q in queues.values()),
+        "activeTasks": sum(w.in_flight for w in workers),
+        "replicas": len(live) + sum(s["spawnsInFlight"] for s in snapshot["pools"].values()),
+        "workerPorts": [w.host_port for w in workers if w.host_port is not None],
+        "workerIds": [w.short_id for w in workers],
+        "workers": snapshot["workers"],
+        "requestsProcessed": sum(w.processed for w in workers),
+        "outcomes": dict(controller.outcomes),
+        "pools": pools,
+        "policyError": snapshot["policyError"],
+        "uptimeS": time.time() - controller.started_at,
+    }
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    return web.json_response(await metrics_json(_controller(request)))
+
+
+@routes.get("/metrics.json")
+async def metrics_as_json(request: web.Request) -> web.Response:
+    return web.json_response(await metrics_json(_controller(request)))
+
+
+@routes.get("/queue-length")
+async def queue_length(request: web.Request) -> web.Response:
+    queues = await _queue_lengths(_controller(request))
+    return web.json_response(
+        {"queueLength": sum(q["queued"] for q in queues.values()), "pools": queues}
+    )
+
+
+@routes.get("/containers-status")
+async def containers_status(request: web.Request) -> web.Response:
+    workers = _controller(request).registry.list()
+    return web.json_response({"containers": [w.to_json() for w in workers], "count": len(workers)})
+
+
+@routes.get("/requests-processed")
+async def requests_processed(request: web.Request) -> web.Response:
+    controller = _controller(request)
+    workers = controller.registry.list()
+    return web.json_response(
+        {
+            "total": controller.outcomes.get("succeeded", 0),
+            "byWorker": {w.name: w.processed for w in workers},
+            "outcomes": dict(controller.outcomes),
+        }
+    )
+
+
+@routes.get("/scaling-events")
+async def scaling_events(request: web.Request) -> web.Response:
+    controller = _controller(request)
+    pool = request.query.get("pool")
+    events = [e.to_json() for e in controller.reconciler.events if pool is None or e.pool == pool]
+    return web.json_response({"events": events})
+
+
+@routes.get("/autoscaler-status")
+async def autoscaler_status(request: web.Request) -> web.Response:
+    snapshot = _controller(request).snapshot()
+    return web.json_response({"pools": snapshot["pools"], "policyError": snapshot["policyError"]})
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+# -- the worker watch (kube-proxy style) ----------------------------------------
+
+
+@routes.get("/v1/workers")
+async def workers(request: web.Request) -> web.StreamResponse:
+    registry = _controller(request).registry
+    if request.query.get("watch") not in ("true", "1"):
+        return web.json_response(
+            {
+                "resourceVersion": registry.resource_version,
+                "items": [w.to_json() for w in registry.list(request.query.get("pool"))],
+            }
+        )
+    try:
+        since = int(request.query.get("resourceVersion", registry.resource_version))
+    except ValueError as exc:
+        raise BadRequest("resourceVersion must be an integer") from exc
+    pool = request.query.get("pool")
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    try:
+        async for event in registry.watch(since=since):
+            if pool is not None and event.worker.pool != pool:
+                continue
+            await response.write(json.dumps(event.to_json()).encode() + b"\n")
+    except WatchExpired as exc:
+        await response.write(json.dumps({"type": "ERROR", "code": 410, "error": str(exc)}).encode())
+    except ConnectionResetError:
+        pass
+    return response
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Maps errors to JSON bodies; a client never sees a traceback."""
+    try:
+        return await handler(request)
+    except BadRequest as exc:
+        return json_error(exc.status, str(exc), **exc.extra)
+    except UnknownPool as exc:
+        return json_error(404, str(exc))
+    except QueueUnavailable as exc:
+        retry_after = str(max(1, round(exc.retry_after_s)))
+        return json_error(503, f"queue unavailable: {exc}", headers={"Retry-After": retry_after})
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.text or exc.reason
+        if exc.status == 413:
+            message = f"request body too large (limit {request.app[MAX_BODY_BYTES]} bytes)"
+        return json_error(exc.status, message)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        logger.exception("unhandled error in %s %s", request.method, request.path)
+        return json_error(500, "internal error; see the Shoal log")
