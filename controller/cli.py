@@ -68,10 +68,9 @@ def _parser() -> argparse.ArgumentParser:
 
 async def pick_runtime(choice: str, *, instance: str) -> Runtime:
     """Builds the runtime; ``auto`` prefers Docker and says why it did or did not get it."""
-    from controller.runtimes.docker import DockerRuntime, docker_available
-    from controller.runtimes.process import ProcessRuntime
-
     if choice in ("auto", "docker"):
+        from controller.runtimes.docker import DockerRuntime, docker_available
+
         ok, reason = await asyncio.to_thread(docker_available)
         if ok:
             if choice == "auto":

@@ -20,13 +20,21 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class TextFormatter(logging.Formatter):
+    """One line per record; structured fields are appended only at debug level,
+    since every info message already names what it is about."""
+
+    def __init__(self, *, with_fields: bool = False) -> None:
+        super().__init__()
+        self.with_fields = with_fields
+
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         line = f"{stamp}.{int(record.msecs):03d} {record.levelname:<7} {record.name}: "
         line += record.getMessage()
-        fields = _extras(record)
-        if fields:
-            line += "  " + " ".join(f"{k}={v}" for k, v in sorted(fields.items()))
+        if self.with_fields:
+            fields = _extras(record)
+            if fields:
+                line += "  " + " ".join(f"{k}={v}" for k, v in sorted(fields.items()))
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -48,7 +56,8 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(*, level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    debug = level.lower() == "debug"
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(with_fields=debug))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
