@@ -81,6 +81,8 @@ async def pick_runtime(choice: str, *, instance: str) -> Runtime:
         logger.warning(
             "runtime auto: no Docker engine (%s); running workers as local processes", reason
         )
+    from controller.runtimes.process import ProcessRuntime
+
     return ProcessRuntime(instance=instance)
 
 
