@@ -40,6 +40,7 @@ def clock() -> FakeClock:
     params=[
         pytest.param("memory", id="memory"),
         pytest.param("sqlite", id="sqlite"),
+        pytest.param("redis", id="redis", marks=pytest.mark.redis),
     ]
 )
 async def queue(

@@ -1,0 +1,535 @@
+"""The shared queue behind ``redis://host:port/db``, for several Shoal processes at once.
+
+It owns the key layout below and the scripts that change it; it does not decide
+when to lease or retry (the dispatcher and API call it). redis-py errors become
+``QueueUnavailable`` here and nowhere else.
+
+Layout (``P`` is the key prefix, ``shoal`` by default):
+
+- ``P:task:{id}`` hash: ``task`` (the task as JSON) and ``entry`` (its stream entry, if any)
+- ``P:stream:{pool}`` stream of task ids waiting to be leased, read through the
+  consumer group ``shoal``; a leased task's entry stays pending until the lease ends
+- ``P:delayed:{pool}`` zset of tasks backing off, by ``not_before``
+- ``P:leases`` zset of running tasks, by ``lease_expires_at``
+- ``P:idem:{pool}`` hash idempotency key -> id; ``P:counts:{pool}`` hash state -> n
+- ``P:idx:...`` zsets of ids (score 0, ordered by id) for ``list`` by pool and/or state
+
+Every change is a compare-and-set script: Python applies the shared transition
+from ``controller.queues.base`` to the JSON it read, and the script writes the
+result only if the stored JSON is still that one, updating every index in the
+same atomic step. A process that dies between XREADGROUP and that write leaves
+an entry pending with its task still queued; ``reclaim_expired`` finds such
+entries with XAUTOCLAIM and puts them back in the stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Literal, ParamSpec, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from controller import logfields
+from controller.errors import QueueUnavailable
+from controller.queues import base
+from controller.queues.base import (
+    TASK_STATES,
+    EnqueueRequest,
+    QueueCounts,
+    RetryPolicy,
+    Task,
+    TaskState,
+)
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+GROUP = "shoal"
+# A stream entry delivered this long ago whose task never became ``running``
+# belongs to a process that died mid-lease.
+DEFAULT_ORPHAN_IDLE_S = 60.0
+_RECLAIM_BATCH = 500
+
+# KEYS: idem, record, stream, counts, pools, idx_all, idx_pool, idx_state, idx_ps
+# ARGV: idempotency key or '', id, task json, pool
+_ENQUEUE = """
+if ARGV[1] ~= '' then
+  local existing = redis.call('HGET', KEYS[1], ARGV[1])
+  if existing then return {0, existing} end
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+local entry = redis.call('XADD', KEYS[3], '*', 'id', ARGV[2])
+redis.call('HSET', KEYS[2], 'task', ARGV[3], 'entry', entry)
+redis.call('HINCRBY', KEYS[4], 'queued', 1)
+redis.call('SADD', KEYS[5], ARGV[4])
+for i = 6, 9 do redis.call('ZADD', KEYS[i], 0, ARGV[2]) end
+return {1, ARGV[2]}
+"""
+
+# KEYS: record, counts, leases, stream, delayed, idx_old_state, idx_new_state,
+#       idx_ps_old, idx_ps_new
+# ARGV: expected json, new json, id, old state, new state, lease expiry or '',
+#       where ('stream' | 'delayed' | 'keep' | ''), not_before, group
+_APPLY = """
+if redis.call('HGET', KEYS[1], 'task') ~= ARGV[1] then return 0 end
+local entry = redis.call('HGET', KEYS[1], 'entry') or ''
+if ARGV[7] ~= 'keep' and entry ~= '' then
+  redis.call('XACK', KEYS[4], ARGV[9], entry)
+  redis.call('XDEL', KEYS[4], entry)
+  entry = ''
+end
+redis.call('ZREM', KEYS[5], ARGV[3])
+if ARGV[7] == 'stream' then
+  entry = redis.call('XADD', KEYS[4], '*', 'id', ARGV[3])
+elseif ARGV[7] == 'delayed' then
+  redis.call('ZADD', KEYS[5], ARGV[8], ARGV[3])
+end
+if ARGV[4] ~= ARGV[5] then
+  redis.call('HINCRBY', KEYS[2], ARGV[4], -1)
+  redis.call('HINCRBY', KEYS[2], ARGV[5], 1)
+  redis.call('ZREM', KEYS[6], ARGV[3])
+  redis.call('ZADD', KEYS[7], 0, ARGV[3])
+  redis.call('ZREM', KEYS[8], ARGV[3])
+  redis.call('ZADD', KEYS[9], 0, ARGV[3])
+end
+if ARGV[6] ~= '' then
+  redis.call('ZADD', KEYS[3], ARGV[6], ARGV[3])
+else
+  redis.call('ZREM', KEYS[3], ARGV[3])
+end
+redis.call('HSET', KEYS[1], 'task', ARGV[2], 'entry', entry)
+return 1
+"""
+
+# Moves tasks whose back-off ended from the delayed zset into the stream.
+# KEYS: delayed, stream. ARGV: now, record key prefix, max moves.
+# NB: touches record keys not listed in KEYS; fine on one server, not on a cluster.
+_PROMOTE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  local entry = redis.call('XADD', KEYS[2], '*', 'id', id)
+  redis.call('HSET', ARGV[2] .. id, 'entry', entry)
+end
+return #ids
+"""
+
+Where = Literal["stream", "delayed", "keep", ""]
+
+
+def _translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Turns redis-py errors raised by ``fn`` into ``QueueUnavailable``."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except RedisError as exc:
+            raise QueueUnavailable(f"redis queue: {exc}") from exc
+
+    return wrapper
+
+
+def _dump_task(task: Task) -> str:
+    fields = dataclasses.asdict(task)
+    fields["history"] = list(task.history)
+    return json.dumps(fields, separators=(",", ":"))
+
+
+def _load_task(text: str) -> Task:
+    fields = json.loads(text)
+    fields["history"] = tuple(fields["history"])
+    return Task(**fields)
+
+
+class RedisQueue:
+    """A ``TaskQueue`` in Redis; open it with ``await RedisQueue.open(url)``."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+        prefix: str = "shoal",
+        orphan_idle_s: float = DEFAULT_ORPHAN_IDLE_S,
+    ) -> None:
+        # Typed as Any: redis-py's stubs type replies as bytes | str and cannot
+        # know that ``decode_responses=True`` makes every one a str.
+        self._r: Any = client
+        self._clock = clock
+        self._rand = rand
+        self._p = prefix
+        self._orphan_idle_ms = int(orphan_idle_s * 1000)
+        self._consumer = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+        self._groups: set[str] = set()
+        self._enqueue_script = client.register_script(_ENQUEUE)
+        self._apply_script = client.register_script(_APPLY)
+        self._promote_script = client.register_script(_PROMOTE)
+
+    @classmethod
+    @_translated
+    async def open(
+        cls,
+        url: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+        prefix: str = "shoal",
+        orphan_idle_s: float = DEFAULT_ORPHAN_IDLE_S,
+        max_connections: int = 64,
+    ) -> RedisQueue:
+        # A blocking pool: a burst of callers waits for a connection instead of
+        # failing with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=10, decode_responses=True
+        )
+        client = aioredis.Redis.from_pool(pool)
+        try:
+            await client.ping()
+        except RedisError:
+            await client.aclose()
+            raise
+        logger.info("redis queue open at %s (prefix %s)", url, prefix)
+        return cls(client, clock=clock, rand=rand, prefix=prefix, orphan_idle_s=orphan_idle_s)
+
+    # --- keys ---------------------------------------------------------------
+
+    def _record(self, task_id: str) -> str:
+        return f"{self._p}:task:{task_id}"
+
+    def _stream(self, pool: str) -> str:
+        return f"{self._p}:stream:{pool}"
+
+    def _delayed(self, pool: str) -> str:
+        return f"{self._p}:delayed:{pool}"
+
+    def _counts(self, pool: str) -> str:
+        return f"{self._p}:counts:{pool}"
+
+    def _index(self, *, pool: str | None, state: str | None) -> str:
+        if pool is None and state is None:
+            return f"{self._p}:idx:all"
+        if state is None:
+            return f"{self._p}:idx:pool:{pool}"
+        if pool is None:
+            return f"{self._p}:idx:state:{state}"
+        return f"{self._p}:idx:ps:{pool}:{state}"
+
+    @property
+    def _leases(self) -> str:
+        return f"{self._p}:leases"
+
+    @property
+    def _pools(self) -> str:
+        return f"{self._p}:pools"
+
+    # --- the compare-and-set core --------------------------------------------
+
+    async def _read(self, task_id: str) -> tuple[str, str] | None:
+        """The stored JSON and stream entry of a task, or None."""
+        record = await self._r.hmget(self._record(task_id), ["task", "entry"])
+        if record[0] is None:
+            return None
+        return record[0], record[1] or ""
+
+    async def _apply(self, old_json: str, old: Task, new: Task, *, where: Where) -> bool:
+        lease_expiry = repr(new.lease_expires_at) if new.state == "running" else ""
+        keys = [
+            self._record(new.id),
+            self._counts(new.pool),
+            self._leases,
+            self._stream(new.pool),
+            self._delayed(new.pool),
+            self._index(pool=None, state=old.state),
+            self._index(pool=None, state=new.state),
+            self._index(pool=new.pool, state=old.state),
+            self._index(pool=new.pool, state=new.state),
+        ]
+        args = [
+            old_json,
+            _dump_task(new),
+            new.id,
+            old.state,
+            new.state,
+            lease_expiry,
+            where,
+            repr(new.not_before or 0.0),
+            GROUP,
+        ]
+        return bool(await self._apply_script(keys=keys, args=args))
+
+    async def _change(
+        self,
+        task_id: str,
+        decide: Callable[[Task, float], tuple[Task, Where] | None],
+    ) -> tuple[Task | None, bool]:
+        """Applies ``decide`` until it sticks; returns (task as now stored, changed)."""
+        while True:
+            read = await self._read(task_id)
+            if read is None:
+                return None, False
+            old_json, _ = read
+            old = _load_task(old_json)
+            decision = decide(old, self._clock())
+            if decision is None:
+                return old, False
+            new, where = decision
+            if await self._apply(old_json, old, new, where=where):
+                return new, True
+            # Someone else changed the task between our read and write: decide again.
+
+    def _requeue_where(self, task: Task) -> Where:
+        if task.state != "queued":
+            return ""
+        if task.not_before is not None and task.not_before > self._clock():
+            return "delayed"
+        return "stream"
+
+    async def _ensure_group(self, pool: str) -> None:
+        if pool in self._groups:
+            return
+        try:
+            # From id 0: entries added before the group existed are delivered too.
+            await self._r.xgroup_create(self._stream(pool), GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add(pool)
+
+    # --- the contract ---------------------------------------------------------
+
+    @_translated
+    async def enqueue(self, request: EnqueueRequest) -> tuple[Task, bool]:
+        task = base.make_task(request, task_id=base.new_task_id(), now=self._clock())
+        pool = request.pool
+        keys = [
+            f"{self._p}:idem:{pool}",
+            self._record(task.id),
+            self._stream(pool),
+            self._counts(pool),
+            self._pools,
+            self._index(pool=None, state=None),
+            self._index(pool=pool, state=None),
+            self._index(pool=None, state="queued"),
+            self._index(pool=pool, state="queued"),
+        ]
+        args = [request.idempotency_key or "", task.id, _dump_task(task), pool]
+        created, task_id = await self._enqueue_script(keys=keys, args=args)
+        if created:
+            return task, True
+        first = await self.get(task_id)
+        if first is None:
+            raise QueueUnavailable(f"redis queue: idempotency key points at lost task {task_id}")
+        return first, False
+
+    @_translated
+    async def lease(self, pool: str, *, worker: str, lease_s: float) -> Task | None:
+        await self._ensure_group(pool)
+        stream = self._stream(pool)
+        await self._promote_script(
+            keys=[self._delayed(pool), stream],
+            args=[repr(self._clock()), f"{self._p}:task:", 100],
+        )
+        while True:
+            reply = await self._r.xreadgroup(GROUP, self._consumer, {stream: ">"}, count=1)
+            if not reply or not reply[0][1]:
+                return None
+            entry, fields = reply[0][1][0]
+            task_id = fields["id"]
+            task = await self._lease_entry(task_id, entry, worker=worker, lease_s=lease_s)
+            if task is not None:
+                return task
+            # A stale entry (its task was cancelled or moved on): drop it, read the next.
+            await self._r.xack(stream, GROUP, entry)
+            await self._r.xdel(stream, entry)
+
+    async def _lease_entry(
+        self, task_id: str, entry: str, *, worker: str, lease_s: float
+    ) -> Task | None:
+        while True:
+            read = await self._read(task_id)
+            if read is None:
+                return None
+            old_json, stored_entry = read
+            old = _load_task(old_json)
+            if old.state != "queued" or stored_entry != entry:
+                return None
+            new = base.leased(old, worker=worker, now=self._clock(), lease_s=lease_s)
+            if await self._apply(old_json, old, new, where="keep"):
+                return new
+
+    def _held(
+        self, worker: str, change: Callable[[Task, float], Task], *, requeue: bool = False
+    ) -> Callable[[Task, float], tuple[Task, Where] | None]:
+        def decide(task: Task, now: float) -> tuple[Task, Where] | None:
+            if not base.holds_lease(task, worker):
+                return None
+            new = change(task, now)
+            if new.state == "running":
+                return new, "keep"
+            return new, self._requeue_where(new)
+
+        return decide
+
+    @_translated
+    async def extend(self, task_id: str, *, worker: str, lease_s: float) -> bool:
+        _, changed = await self._change(
+            task_id, self._held(worker, lambda t, now: base.extended(t, now=now, lease_s=lease_s))
+        )
+        return changed
+
+    @_translated
+    async def ack(self, task_id: str, *, worker: str, result: Any) -> bool:
+        _, changed = await self._change(
+            task_id, self._held(worker, lambda t, now: base.acked(t, now=now, result=result))
+        )
+        return changed
+
+    @_translated
+    async def fail(
+        self,
+        task_id: str,
+        *,
+        worker: str,
+        error: str,
+        retry: RetryPolicy | None,
+        permanent: bool = False,
+    ) -> Task | None:
+        jitter = self._rand()
+        task, changed = await self._change(
+            task_id,
+            self._held(
+                worker,
+                lambda t, now: base.failed(
+                    t, now=now, error=error, retry=retry, permanent=permanent, rand=lambda: jitter
+                ),
+            ),
+        )
+        return task if changed else None
+
+    @_translated
+    async def release(self, task_id: str, *, worker: str) -> bool:
+        _, changed = await self._change(
+            task_id, self._held(worker, lambda t, now: base.released(t))
+        )
+        return changed
+
+    @_translated
+    async def reclaim_expired(self, *, now: float | None = None) -> int:
+        at = self._clock() if now is None else now
+        expired_ids: list[str] = await self._r.zrangebyscore(
+            self._leases, "-inf", repr(at), start=0, num=_RECLAIM_BATCH
+        )
+
+        def decide(task: Task, _now: float) -> tuple[Task, Where] | None:
+            if task.state != "running" or (task.lease_expires_at or 0.0) > at:
+                return None
+            new = base.reclaimed(task, now=at)
+            return new, "stream" if new.state == "queued" else ""
+
+        reclaimed = 0
+        for task_id in expired_ids:
+            _, changed = await self._change(task_id, decide)
+            reclaimed += changed
+        await self._requeue_orphans()
+        return reclaimed
+
+    async def _requeue_orphans(self) -> None:
+        """Puts back entries a dead process read but never turned into a lease."""
+
+        def decide(task: Task, _now: float) -> tuple[Task, Where] | None:
+            return None if task.state != "queued" else (task, "stream")
+
+        pools: set[str] = await self._r.smembers(self._pools)
+        for pool in sorted(pools):
+            await self._ensure_group(pool)
+            reply = await self._r.xautoclaim(
+                self._stream(pool), GROUP, self._consumer, self._orphan_idle_ms, count=100
+            )
+            for entry, fields in reply[1]:
+                if not fields:
+                    continue  # deleted since; XAUTOCLAIM already dropped it from the PEL
+
+                read = await self._read(fields["id"])
+                if read is None or read[1] != entry:
+                    continue
+                _, changed = await self._change(fields["id"], decide)
+                if changed:
+                    logger.warning(
+                        "requeued task %s read but never leased by a lost process",
+                        fields["id"],
+                        extra={logfields.TASK_ID: fields["id"], logfields.POOL: pool},
+                    )
+
+    @_translated
+    async def get(self, task_id: str) -> Task | None:
+        text = await self._r.hget(self._record(task_id), "task")
+        return None if text is None else _load_task(text)
+
+    @_translated
+    async def list(
+        self,
+        *,
+        pool: str | None = None,
+        state: TaskState | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[Task]:
+        if limit <= 0:
+            return []
+        ids: list[str] = await self._r.zrangebylex(
+            self._index(pool=pool, state=state),
+            "-" if after is None else f"({after}",
+            "+",
+            start=0,
+            num=limit,
+        )
+        if not ids:
+            return []
+        async with self._r.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                pipe.hget(self._record(task_id), "task")
+            texts = await pipe.execute()
+        return [_load_task(text) for text in texts if text is not None]
+
+    @_translated
+    async def counts(self, pool: str) -> QueueCounts:
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._counts(pool))
+            pipe.zcount(self._delayed(pool), f"({self._clock()!r}", "+inf")
+            by_state_raw, waiting = await pipe.execute()
+        by_state = {state: int(by_state_raw.get(state, 0)) for state in TASK_STATES}
+        return QueueCounts(ready=by_state["queued"] - int(waiting), **by_state)
+
+    @_translated
+    async def cancel(self, task_id: str) -> Task | None:
+        def decide(task: Task, now: float) -> tuple[Task, Where] | None:
+            return None if task.state != "queued" else (base.cancelled(task, now=now), "")
+
+        task, _ = await self._change(task_id, decide)
+        return task
+
+    @_translated
+    async def redrive(self, task_id: str) -> Task | None:
+        def decide(task: Task, _now: float) -> tuple[Task, Where] | None:
+            if task.state not in ("dead", "failed"):
+                return None
+            return base.redriven(task), "stream"
+
+        task, _ = await self._change(task_id, decide)
+        return task
+
+    async def close(self) -> None:
+        await self._r.aclose()
