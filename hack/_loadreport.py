@@ -205,8 +205,8 @@ def render_text(result: RunResult, summary: dict[str, object]) -> str:
 
 # --- HTML report -------------------------------------------------------------------------
 
-_WIDTH, _HEIGHT = 760, 230
-_LEFT, _RIGHT, _TOP, _BOTTOM = 56, 16, 28, 34
+_WIDTH, _HEIGHT = 760, 240
+_LEFT, _RIGHT, _TOP, _BOTTOM = 56, 16, 40, 34
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
 
 Series = tuple[str, Sequence[tuple[float, float]]]
@@ -289,10 +289,11 @@ def svg_chart(
                 f'<polyline fill="none" stroke="{colour}" stroke-width="1.6" '
                 f'points="{" ".join(coords)}"/>'
             )
-        legend_x = _LEFT + 220 + index * 130
+        # Legends sit in one row under the title, one 110-pixel slot per series.
+        legend_x = _LEFT + index * 110
         parts.append(
-            f'<rect x="{legend_x}" y="7" width="10" height="10" fill="{colour}"/>'
-            f'<text x="{legend_x + 14}" y="16">{html.escape(name)}</text>'
+            f'<rect x="{legend_x}" y="23" width="10" height="10" fill="{colour}"/>'
+            f'<text x="{legend_x + 14}" y="32">{html.escape(name)}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -326,9 +327,10 @@ def _latency_series(
 def render_html(result: RunResult, summary: dict[str, object]) -> str:
     """A self-contained HTML page: figures, charts over time and the scaling events."""
     t0 = result.started_at
-    span_s = max(result.ended_at - t0, 1.0)
-    # About 120 points per chart keeps the page small whatever the run's length.
-    width_s = max(span_s / 120, 0.25)
+    span_s = max(result.ended_at - t0, 0.1)
+    # About 60 points per chart keeps the page small; bins under a second are mostly
+    # noise unless the whole run is that short.
+    width_s = max(span_s / 60, min(1.0, span_s / 10))
     n_bins = int(span_s // width_s) + 1
     accepted = [t for t in result.tasks if t.accepted]
 

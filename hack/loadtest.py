@@ -340,8 +340,8 @@ def build_schedule(config: LoadConfig) -> tuple[list[float], str]:
 class ContainerKiller(Protocol):
     """What chaos mode needs from the engine; blocking calls, run in a thread."""
 
-    def managed_container_ids(self) -> list[str]:
-        """Full ids of running containers labelled ``shoal.managed=true``."""
+    def managed_containers(self) -> list[tuple[str, str]]:
+        """``(full id, name)`` of running containers labelled ``shoal.managed=true``."""
         ...
 
     def kill(self, container_id: str) -> None: ...
@@ -375,12 +375,12 @@ class DockerKiller:
         except self._errors as exc:
             raise ChaosError(f"no Docker engine answered: {exc}") from exc
 
-    def managed_container_ids(self) -> list[str]:
+    def managed_containers(self) -> list[tuple[str, str]]:
         try:
             containers = self._client.containers.list(filters={"label": MANAGED_LABEL})
         except self._errors as exc:
             raise ChaosError(f"listing containers failed: {exc}") from exc
-        return [c.id for c in containers]
+        return [(c.id, c.name) for c in containers]
 
     def kill(self, container_id: str) -> None:
         try:
@@ -766,12 +766,15 @@ class LoadRun:
 
     async def _kill_one(self, killer: ContainerKiller, rng: random.Random) -> None:
         """Kills one Shoal-managed container that runs one of this run's tasks, if any."""
+        # A task names its worker by container name or id; /metrics.json lists ids.
         busy = {r.worker for r in self._records if r.state == "running" and r.worker}
-        known_busy = [w for w in self._worker_ids if w in busy]
         try:
-            containers = await asyncio.to_thread(killer.managed_container_ids)
+            containers = await asyncio.to_thread(killer.managed_containers)
             candidates = sorted(
-                {c for c in containers for w in known_busy if _same_container(c, w)}
+                container_id
+                for container_id, name in containers
+                if any(_same_container(container_id, w) for w in self._worker_ids)
+                and (name in busy or any(_same_container(container_id, w) for w in busy))
             )
             if not candidates:
                 self._counters["kill_skipped"] += 1

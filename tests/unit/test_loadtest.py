@@ -26,6 +26,8 @@ HACK = Path(__file__).resolve().parents[2] / "hack"
 BUSY = "a" * 64
 IDLE_MANAGED = "b" * 64
 NOT_A_CONTAINER = "c" * 64
+# Like the real API: tasks name their worker's container, /metrics.json gives short ids.
+BUSY_NAME = "shoal-default-aaaaaa"
 
 
 def _load_loadtest() -> ModuleType:
@@ -96,13 +98,15 @@ class FakeShoal:
             return web.json_response({"error": "not found"}, status=404)
         task["polls"] += 1
         started = task["createdAt"] + 0.01 * (task["seq"] + 1)
-        task.update(startedAt=started, worker=BUSY, workers=[BUSY], attempts=1, state="running")
+        task.update(
+            startedAt=started, worker=BUSY_NAME, workers=[BUSY_NAME], attempts=1, state="running"
+        )
         if fate == "until-kill" and BUSY in self.killed:
-            task.update(state="succeeded", attempts=2, workers=[BUSY, IDLE_MANAGED])
+            task.update(state="succeeded", attempts=2, workers=[BUSY_NAME, IDLE_MANAGED])
         elif fate not in ("stuck", "until-kill") and task["polls"] >= 2:
             task.update(state="succeeded" if fate == "retried" else fate)
             if fate == "retried":
-                task.update(attempts=2, workers=[BUSY, IDLE_MANAGED])
+                task.update(attempts=2, workers=[BUSY_NAME, IDLE_MANAGED])
         if task["state"] != "running":
             task["finishedAt"] = started + 0.5
         return web.json_response(self._public(task))
@@ -111,7 +115,7 @@ class FakeShoal:
         return web.json_response(
             {
                 "replicas": self.replicas,
-                "workerIds": [BUSY, NOT_A_CONTAINER],
+                "workerIds": [BUSY[:12], IDLE_MANAGED[:12], NOT_A_CONTAINER[:12]],
                 "workerPorts": [40001, 40002],
                 "activeTasks": 1,
                 "queueLength": 2,
@@ -368,15 +372,17 @@ class FakeKiller:
     """Stands in for the Docker engine: running managed containers and what was killed."""
 
     fake: FakeShoal
-    running: list[str] = field(default_factory=lambda: [BUSY, IDLE_MANAGED])
+    running: dict[str, str] = field(
+        default_factory=lambda: {BUSY: BUSY_NAME, IDLE_MANAGED: "shoal-default-bbbbbb"}
+    )
     killed: list[str] = field(default_factory=list)
 
-    def managed_container_ids(self) -> list[str]:
-        return list(self.running)
+    def managed_containers(self) -> list[tuple[str, str]]:
+        return list(self.running.items())
 
     def kill(self, container_id: str) -> None:
         self.killed.append(container_id)
-        self.running.remove(container_id)
+        del self.running[container_id]
         self.fake.killed.add(container_id)
 
 
