@@ -375,6 +375,18 @@ async def workers(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@routes.post("/v1/pools/{pool}/activate")
+async def activate(request: web.Request) -> web.Response:
+    """Asks for capacity in a pool that may be at zero (the balancer's activator)."""
+    controller = _controller(request)
+    pool = request.match_info["pool"]
+    if controller.store.get(pool) is None:
+        raise UnknownPool(pool)
+    if not controller.reconciler.request_capacity(pool):
+        return json_error(409, f"pool {pool!r} has max 0 replicas", headers={"Retry-After": "5"})
+    return web.json_response({"pool": pool, "requested": True}, status=202)
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """Maps errors to JSON bodies; a client never sees a traceback."""

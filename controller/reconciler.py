@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import secrets
@@ -88,6 +89,8 @@ class PoolRuntimeState:
     startup_s: float | None = None  # EWMA of spawn -> ready
     service_time_s: float | None = None  # EWMA of task run time
     counts: QueueCounts = field(default_factory=QueueCounts)
+    # Synchronous traffic (the balancer's activator) that wants a worker until then.
+    demand_until: float = -math.inf  # monotonic
 
 
 def _ewma(previous: float | None, sample: float, *, alpha: float = 0.3) -> float:
@@ -162,6 +165,21 @@ class Reconciler:
         state.startup_s = _ewma(state.startup_s, startup_s)
         state.spawn_failures = 0
         self.wake()
+
+    def request_capacity(self, pool: str, *, hold_s: float = 30.0) -> bool:
+        """Asks for at least one worker in ``pool`` for the next ``hold_s`` seconds.
+
+        The balancer calls it when a request arrives for a pool with no ready
+        worker (scale from zero). Returns False when the pool is unknown or
+        its ``max`` is 0, so the caller can answer 503 at once.
+        """
+        policy = self._store.get(pool)
+        if policy is None or policy.spec.replicas.max == 0:
+            return False
+        state = self.pools.setdefault(pool, PoolRuntimeState())
+        state.demand_until = max(state.demand_until, self._clock() + hold_s)
+        self.wake()
+        return True
 
     def on_task_done(self, pool: str, run_s: float) -> None:
         state = self.pools.get(pool)
@@ -345,6 +363,10 @@ class Reconciler:
         )
         decision = decide(spec, metrics, state.history)
         state.history = decision.history
+        if decision.desired == 0 and now < state.demand_until and spec.replicas.max > 0:
+            decision = dataclasses.replace(
+                decision, desired=1, reason="a synchronous request waits for a worker (activator)"
+            )
         self._record_decision(name, state, decision)
 
         can_spawn = (

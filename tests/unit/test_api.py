@@ -1,0 +1,198 @@
+"""The HTTP API: happy paths and, above all, that bad input is refused and stores nothing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from api.app import make_app
+from controller.manager import Controller, ControllerConfig
+from controller.queues.memory import MemoryQueue
+from controller.runtimes.fake import FakeRuntime
+
+MANIFEST = """
+apiVersion: shoal/v1
+kind: WorkerPool
+metadata: {name: default}
+spec:
+  replicas: {min: 0, max: 2}
+"""
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[TestClient[Any, Any]]:
+    manifest = tmp_path / "pool.yaml"
+    manifest.write_text(MANIFEST)
+    controller = Controller(
+        config=ControllerConfig(manifests=manifest),
+        runtime=FakeRuntime(),
+        queue=MemoryQueue(),
+    )
+    async with TestClient(TestServer(make_app(controller, max_body_bytes=64 * 1024))) as c:
+        yield c
+
+
+async def queue_length(client: TestClient[Any, Any]) -> int:
+    response = await client.get("/queue-length")
+    body = await response.json()
+    return int(body["queueLength"])
+
+
+async def test_enqueue_returns_202_and_the_task_is_queued(client: TestClient[Any, Any]) -> None:
+    response = await client.post("/enqueue-task", json={"payload": {"n": 1}, "work_seconds": 2})
+    assert response.status == 202
+    body = await response.json()
+    task = await (await client.get(f"/tasks/{body['id']}")).json()
+    assert task["state"] == "queued"
+    assert task["payload"] == {"n": 1}
+    assert task["workSeconds"] == 2
+    assert await queue_length(client) == 1
+
+
+async def test_enqueue_with_the_same_idempotency_key_creates_nothing_new(
+    client: TestClient[Any, Any],
+) -> None:
+    first = await (await client.post("/enqueue-task", json={"idempotency_key": "k1"})).json()
+    again = await client.post("/enqueue-task", json={"idempotency_key": "k1"})
+    assert again.status == 200
+    assert (await again.json())["id"] == first["id"]
+    assert await queue_length(client) == 1
+
+
+BAD_POSTS = [
+    pytest.param("/enqueue-task", b"{not json", 400, id="enqueue-malformed-json"),
+    pytest.param("/enqueue-task", b"", 400, id="enqueue-empty-body"),
+    pytest.param("/enqueue-task", b"[1, 2]", 400, id="enqueue-array-body"),
+    pytest.param("/enqueue-task", b'{"pool": "nope"}', 404, id="enqueue-unknown-pool"),
+    pytest.param("/enqueue-task", b'{"pool": 7}', 400, id="enqueue-pool-wrong-type"),
+    pytest.param("/enqueue-task", b'{"work_seconds": "soon"}', 400, id="enqueue-work-seconds-text"),
+    pytest.param("/enqueue-task", b'{"work_seconds": -1}', 400, id="enqueue-negative-work"),
+    pytest.param(
+        "/enqueue-task", b'{"payload": 1, "colour": "red"}', 400, id="enqueue-unknown-field"
+    ),
+    pytest.param("/enqueue-task", b'{"max_attempts": 0}', 400, id="enqueue-zero-attempts"),
+    pytest.param("/enqueue-task", b"\xff\xfe", 400, id="enqueue-not-utf8"),
+    pytest.param("/dispatch-task", b'{"timeout_s": -3}', 400, id="dispatch-negative-timeout"),
+    pytest.param("/dispatch-task", b'{"pool": "nope"}', 404, id="dispatch-unknown-pool"),
+    pytest.param("/dequeue-task", b"{}", 400, id="dequeue-missing-worker"),
+    pytest.param("/dequeue-task", b'{"worker": "w", "pool": "x"}', 404, id="dequeue-unknown-pool"),
+    pytest.param("/dequeue-task", b'{"worker": "w", "lease_s": 0}', 400, id="dequeue-zero-lease"),
+    pytest.param("/tasks/nope/result", b'{"worker": "w"}', 404, id="result-unknown-task"),
+    pytest.param("/tasks/nope/result", b"{}", 400, id="result-missing-worker"),
+    pytest.param("/tasks/nope/heartbeat", b'{"worker": 5}', 400, id="heartbeat-wrong-type"),
+    pytest.param("/tasks/nope/cancel", b"", 404, id="cancel-unknown-task"),
+    pytest.param("/tasks/nope/redrive", b"", 404, id="redrive-unknown-task"),
+    pytest.param("/v1/pools/nope/activate", b"", 404, id="activate-unknown-pool"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status"), BAD_POSTS)
+async def test_bad_post_is_refused_with_a_message_and_stores_nothing(
+    client: TestClient[Any, Any], path: str, body: bytes, status: int
+) -> None:
+    await client.post("/enqueue-task", json={"payload": "existing"})
+    before = await queue_length(client)
+
+    response = await client.post(path, data=body)
+
+    assert response.status == status
+    problem = await response.json()
+    assert isinstance(problem["error"], str) and problem["error"]
+    assert await queue_length(client) == before
+
+
+BAD_GETS = [
+    pytest.param("/tasks/does-not-exist", 404, id="task-unknown"),
+    pytest.param("/tasks?state=sleeping", 400, id="tasks-bad-state"),
+    pytest.param("/tasks?limit=many", 400, id="tasks-limit-text"),
+    pytest.param("/tasks?limit=0", 400, id="tasks-limit-zero"),
+    pytest.param("/tasks?pool=nope", 404, id="tasks-unknown-pool"),
+    pytest.param("/v1/workers?watch=true&resourceVersion=x", 400, id="watch-bad-version"),
+    pytest.param("/no-such-endpoint", 404, id="unknown-path"),
+]
+
+
+@pytest.mark.parametrize(("path", "status"), BAD_GETS)
+async def test_bad_get_is_refused_with_a_message(
+    client: TestClient[Any, Any], path: str, status: int
+) -> None:
+    response = await client.get(path)
+    assert response.status == status
+    assert (await response.json())["error"]
+
+
+async def test_body_over_the_limit_gets_413_and_stores_nothing(
+    client: TestClient[Any, Any],
+) -> None:
+    big = b'{"payload": "' + b"x" * (80 * 1024) + b'"}'
+    response = await client.post("/enqueue-task", data=big)
+    assert response.status == 413
+    assert "too large" in (await response.json())["error"]
+    assert await queue_length(client) == 0
+
+
+async def test_wrong_method_gets_405_json(client: TestClient[Any, Any]) -> None:
+    response = await client.get("/enqueue-task")
+    assert response.status == 405
+    assert (await response.json())["error"]
+
+
+async def test_status_views_agree_on_an_idle_pool(client: TestClient[Any, Any]) -> None:
+    await client.post("/enqueue-task", json={})
+    metrics = await (await client.get("/metrics.json")).json()
+    status = await (await client.get("/autoscaler-status")).json()
+    containers = await (await client.get("/containers-status")).json()
+    assert metrics["queueLength"] == 1
+    assert metrics["pools"]["default"]["queueLength"] == 1
+    assert status["pools"]["default"]["queue"]["queued"] == 1
+    assert containers["count"] == len(metrics["workerIds"])
+
+
+async def test_tasks_list_paginates_in_creation_order(client: TestClient[Any, Any]) -> None:
+    ids = [
+        (await (await client.post("/enqueue-task", json={"payload": i})).json())["id"]
+        for i in range(5)
+    ]
+    first = await (await client.get("/tasks?limit=3")).json()
+    second = await (await client.get(f"/tasks?limit=3&after={first['next']}")).json()
+    listed = [t["id"] for t in first["items"] + second["items"]]
+    assert listed == ids
+
+
+async def test_pull_mode_lease_and_report_round_trip(client: TestClient[Any, Any]) -> None:
+    created = await (await client.post("/enqueue-task", json={"payload": "p"})).json()
+    leased = await client.post("/dequeue-task", json={"worker": "puller-1"})
+    assert leased.status == 200
+    task = await leased.json()
+    assert task["id"] == created["id"]
+
+    stranger = await client.post(f"/tasks/{task['id']}/result", json={"worker": "other"})
+    assert stranger.status == 409
+
+    done = await client.post(
+        f"/tasks/{task['id']}/result", json={"worker": "puller-1", "result": {"ok": True}}
+    )
+    assert done.status == 200
+    assert (await done.json())["state"] == "succeeded"
+    empty = await client.post("/dequeue-task", json={"worker": "puller-1"})
+    assert empty.status == 204
+
+
+async def test_cancel_only_queued_tasks(client: TestClient[Any, Any]) -> None:
+    queued = await (await client.post("/enqueue-task", json={"payload": "q"})).json()
+    running = await (await client.post("/enqueue-task", json={"payload": "r"})).json()
+    cancelled = await client.post(f"/tasks/{queued['id']}/cancel")
+    assert cancelled.status == 200
+    assert (await cancelled.json())["state"] == "cancelled"
+    again = await client.post(f"/tasks/{queued['id']}/cancel")
+    assert again.status == 200, "cancelling twice is idempotent"
+
+    leased = await (await client.post("/dequeue-task", json={"worker": "w1"})).json()
+    assert leased["id"] == running["id"]
+    refused = await client.post(f"/tasks/{running['id']}/cancel")
+    assert refused.status == 409
+    assert (await (await client.get(f"/tasks/{running['id']}")).json())["state"] == "running"
