@@ -45,6 +45,8 @@ DEFAULT_WORKER_SCRIPT = Path(__file__).resolve().parents[2] / "workerimg" / "wor
 # worker.py exits with this code when its port was taken; another port is tried then.
 EXIT_BIND_FAILED = 3
 PORT_ATTEMPTS = 3
+# worker.py logs this once its socket is bound and serving.
+READY_MARKER = " listening on "
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -63,6 +65,8 @@ class _Child:
     exited: asyncio.Task[int]
     relay: asyncio.Task[None] | None = None
     registered: bool = False
+    # Set when the worker logs that it is listening (see READY_MARKER).
+    listening: asyncio.Event = field(default_factory=asyncio.Event)
     log_tail: list[str] = field(default_factory=list)
 
 
@@ -244,34 +248,36 @@ class ProcessRuntime:
         return child
 
     async def _await_listening(self, child: _Child, *, port: int) -> int | None:
-        """Waits until the child accepts connections; returns its exit code if it died first."""
-        deadline = time.monotonic() + self._start_timeout_s
-        delay_s = 0.01
-        while True:
-            if child.proc.returncode is not None:
-                return child.proc.returncode
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                pass
-            else:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
-                return None
-            if time.monotonic() > deadline:
-                raise StartFailed(
-                    f"{child.observed.name} did not listen within {self._start_timeout_s}s"
-                )
-            # Waiting on the process, not on a clock, returns at once if it exits meanwhile.
-            await asyncio.wait({child.exited}, timeout=delay_s)
-            delay_s = min(delay_s * 2, 0.1)
+        """Waits until the child says it listens; returns its exit code if it died first.
+
+        NB: the worker's own log line is the signal, not a successful connect: the port may
+        have been taken by someone else meanwhile, who would accept the connection too.
+        """
+        listening = asyncio.create_task(child.listening.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {listening, child.exited},
+                timeout=self._start_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            listening.cancel()
+        if child.exited in done:
+            return child.exited.result()
+        if not done:
+            raise StartFailed(
+                f"{child.observed.name} did not listen on port {port} "
+                f"within {self._start_timeout_s}s"
+            )
+        return None
 
     async def _relay_logs(self, child: _Child) -> None:
         assert child.proc.stderr is not None
         async for raw in child.proc.stderr:
             line = raw.decode(errors="replace").rstrip()
             child.log_tail = [*child.log_tail[-9:], line]
+            if READY_MARKER in line:
+                child.listening.set()
             logger.debug(
                 "%s: %s",
                 child.observed.name,
