@@ -24,6 +24,7 @@ entries with XAUTOCLAIM and puts them back in the stream.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -60,6 +61,8 @@ GROUP = "shoal"
 # belongs to a process that died mid-lease.
 DEFAULT_ORPHAN_IDLE_S = 60.0
 _RECLAIM_BATCH = 500
+# Leases this process handed out and remembers (see ``RedisQueue._change``).
+_HELD_CACHE_SIZE = 100_000
 
 # KEYS: idem, record, stream, counts, pools, idx_all, idx_pool, idx_state, idx_ps
 # ARGV: idempotency key or '', id, task json, pool
@@ -70,7 +73,7 @@ if ARGV[1] ~= '' then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 end
 local entry = redis.call('XADD', KEYS[3], '*', 'id', ARGV[2])
-redis.call('HSET', KEYS[2], 'task', ARGV[3], 'entry', entry)
+redis.call('HSET', KEYS[2], 'task', ARGV[3], 'entry', entry, 'state', 'queued')
 redis.call('HINCRBY', KEYS[4], 'queued', 1)
 redis.call('SADD', KEYS[5], ARGV[4])
 for i = 6, 9 do redis.call('ZADD', KEYS[i], 0, ARGV[2]) end
@@ -108,21 +111,37 @@ if ARGV[6] ~= '' then
 else
   redis.call('ZREM', KEYS[3], ARGV[3])
 end
-redis.call('HSET', KEYS[1], 'task', ARGV[2], 'entry', entry)
+redis.call('HSET', KEYS[1], 'task', ARGV[2], 'entry', entry, 'state', ARGV[5])
 return 1
 """
 
-# Moves tasks whose back-off ended from the delayed zset into the stream.
-# KEYS: delayed, stream. ARGV: now, record key prefix, max moves.
+# Moves tasks whose back-off ended into the stream, then reads the next entry
+# for this process's consumer, dropping entries whose task is no longer queued
+# there (cancelled, or re-added under a newer entry).
+# KEYS: delayed, stream. ARGV: now, record key prefix, group, consumer.
+# Returns {entry, id, task json} or nil.
 # NB: touches record keys not listed in KEYS; fine on one server, not on a cluster.
-_PROMOTE = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
-for _, id in ipairs(ids) do
+_PICK = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
+for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[1], id)
   local entry = redis.call('XADD', KEYS[2], '*', 'id', id)
   redis.call('HSET', ARGV[2] .. id, 'entry', entry)
 end
-return #ids
+for _ = 1, 100 do
+  local reply = redis.call('XREADGROUP', 'GROUP', ARGV[3], ARGV[4], 'COUNT', 1,
+                           'STREAMS', KEYS[2], '>')
+  if not reply then return nil end
+  local entry = reply[1][2][1][1]
+  local id = reply[1][2][1][2][2]
+  local record = redis.call('HMGET', ARGV[2] .. id, 'task', 'entry', 'state')
+  if record[1] and record[2] == entry and record[3] == 'queued' then
+    return {entry, id, record[1]}
+  end
+  redis.call('XACK', KEYS[2], ARGV[3], entry)
+  redis.call('XDEL', KEYS[2], entry)
+end
+return nil
 """
 
 Where = Literal["stream", "delayed", "keep", ""]
@@ -174,9 +193,10 @@ class RedisQueue:
         self._orphan_idle_ms = int(orphan_idle_s * 1000)
         self._consumer = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self._groups: set[str] = set()
+        self._held_json: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._enqueue_script = client.register_script(_ENQUEUE)
         self._apply_script = client.register_script(_APPLY)
-        self._promote_script = client.register_script(_PROMOTE)
+        self._pick_script = client.register_script(_PICK)
 
     @classmethod
     @_translated
@@ -244,7 +264,9 @@ class RedisQueue:
             return None
         return record[0], record[1] or ""
 
-    async def _apply(self, old_json: str, old: Task, new: Task, *, where: Where) -> bool:
+    async def _apply(self, old_json: str, old: Task, new: Task, *, where: Where) -> str | None:
+        """Writes ``new`` if ``old_json`` is still stored; returns the JSON written, or None."""
+        new_json = _dump_task(new)
         lease_expiry = repr(new.lease_expires_at) if new.state == "running" else ""
         keys = [
             self._record(new.id),
@@ -259,7 +281,7 @@ class RedisQueue:
         ]
         args = [
             old_json,
-            _dump_task(new),
+            new_json,
             new.id,
             old.state,
             new.state,
@@ -268,27 +290,54 @@ class RedisQueue:
             repr(new.not_before or 0.0),
             GROUP,
         ]
-        return bool(await self._apply_script(keys=keys, args=args))
+        written = bool(await self._apply_script(keys=keys, args=args))
+        if not written:
+            self._held_json.pop(new.id, None)
+            return None
+        self._remember(new, new_json)
+        return new_json
+
+    def _remember(self, task: Task, task_json: str) -> None:
+        """Keeps the JSON of leases this process handed out, to skip a read on ack."""
+        if task.state != "running":
+            self._held_json.pop(task.id, None)
+            return
+        self._held_json[task.id] = task_json
+        self._held_json.move_to_end(task.id)
+        while len(self._held_json) > _HELD_CACHE_SIZE:
+            self._held_json.popitem(last=False)
 
     async def _change(
         self,
         task_id: str,
         decide: Callable[[Task, float], tuple[Task, Where] | None],
     ) -> tuple[Task | None, bool]:
-        """Applies ``decide`` until it sticks; returns (task as now stored, changed)."""
+        """Applies ``decide`` until it sticks; returns (task as now stored, changed).
+
+        Starts from the JSON this process last wrote for the task when it has
+        one: the compare-and-set refuses it if anyone changed the task since,
+        and then the stored version is read and decided on again.
+        """
+        old_json = self._held_json.get(task_id)
+        from_cache = old_json is not None
         while True:
-            read = await self._read(task_id)
-            if read is None:
-                return None, False
-            old_json, _ = read
+            if old_json is None:
+                read = await self._read(task_id)
+                if read is None:
+                    return None, False
+                old_json, _ = read
             old = _load_task(old_json)
             decision = decide(old, self._clock())
             if decision is None:
+                if from_cache:
+                    from_cache, old_json = False, None
+                    continue
                 return old, False
             new, where = decision
-            if await self._apply(old_json, old, new, where=where):
+            if await self._apply(old_json, old, new, where=where) is not None:
                 return new, True
             # Someone else changed the task between our read and write: decide again.
+            from_cache, old_json = False, None
 
     def _requeue_where(self, task: Task) -> Where:
         if task.state != "queued":
@@ -337,38 +386,25 @@ class RedisQueue:
     @_translated
     async def lease(self, pool: str, *, worker: str, lease_s: float) -> Task | None:
         await self._ensure_group(pool)
-        stream = self._stream(pool)
-        await self._promote_script(
-            keys=[self._delayed(pool), stream],
-            args=[repr(self._clock()), f"{self._p}:task:", 100],
-        )
         while True:
-            reply = await self._r.xreadgroup(GROUP, self._consumer, {stream: ">"}, count=1)
-            if not reply or not reply[0][1]:
+            picked = await self._pick_script(
+                keys=[self._delayed(pool), self._stream(pool)],
+                args=[repr(self._clock()), f"{self._p}:task:", GROUP, self._consumer],
+            )
+            if picked is None:
                 return None
-            entry, fields = reply[0][1][0]
-            task_id = fields["id"]
-            task = await self._lease_entry(task_id, entry, worker=worker, lease_s=lease_s)
-            if task is not None:
-                return task
-            # A stale entry (its task was cancelled or moved on): drop it, read the next.
-            await self._r.xack(stream, GROUP, entry)
-            await self._r.xdel(stream, entry)
-
-    async def _lease_entry(
-        self, task_id: str, entry: str, *, worker: str, lease_s: float
-    ) -> Task | None:
-        while True:
-            read = await self._read(task_id)
-            if read is None:
-                return None
-            old_json, stored_entry = read
-            old = _load_task(old_json)
-            if old.state != "queued" or stored_entry != entry:
-                return None
-            new = base.leased(old, worker=worker, now=self._clock(), lease_s=lease_s)
-            if await self._apply(old_json, old, new, where="keep"):
-                return new
+            entry, task_id, old_json = picked
+            while True:
+                old = _load_task(old_json)
+                new = base.leased(old, worker=worker, now=self._clock(), lease_s=lease_s)
+                if await self._apply(old_json, old, new, where="keep") is not None:
+                    return new
+                # Changed between pick and write. Still queued under the entry we
+                # hold: try again; otherwise (cancelled, requeued) pick another.
+                read = await self._read(task_id)
+                if read is None or read[1] != entry or _load_task(read[0]).state != "queued":
+                    break
+                old_json = read[0]
 
     def _held(
         self, worker: str, change: Callable[[Task, float], Task], *, requeue: bool = False
