@@ -214,7 +214,7 @@ Series = tuple[str, Sequence[tuple[float, float]]]
 
 def _nice_step(span: float, n_ticks: int = 5) -> float:
     raw = max(span, 1e-9) / n_ticks
-    magnitude = 10 ** math.floor(math.log10(raw))
+    magnitude = 10.0 ** math.floor(math.log10(raw))
     for factor in (1, 2, 5, 10):
         if raw <= factor * magnitude:
             return factor * magnitude

@@ -169,6 +169,8 @@ def parse_args(argv: Sequence[str]) -> LoadConfig:
         raise UsageError("--scale and --tasks must not be negative, --concurrency at least 1")
     if a.kill_workers_every is not None and not a.kill_workers_every > 0:
         raise UsageError("--kill-workers-every must be positive")
+    if a.peak_rate is not None and not a.peak_rate > 0:
+        raise UsageError("--peak-rate must be positive")
     if a.trace is not None and a.pattern != "constant":
         raise UsageError("--pattern applies to --rate runs, not to --trace replays")
     return LoadConfig(
@@ -263,11 +265,16 @@ def rate_schedule(
 
 def read_trace(path: Path, *, start_minute: int, minutes: int | None) -> list[int]:
     """The invocation counts of a ``minute,invocations`` CSV, for the window asked."""
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or {"minute", "invocations"} - set(reader.fieldnames):
-            raise UsageError(f"{path}: expected a 'minute,invocations' header")
-        counts = {int(row["minute"]): int(row["invocations"]) for row in reader}
+    try:
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or {"minute", "invocations"} - set(reader.fieldnames):
+                raise UsageError(f"{path}: expected a 'minute,invocations' header")
+            counts = {int(row["minute"]): int(row["invocations"]) for row in reader}
+    except OSError as exc:
+        raise UsageError(f"cannot read trace {path}: {exc.strerror}") from exc
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{path}: counts must be whole numbers ({exc})") from exc
     last = max(counts, default=0)
     end = last if minutes is None else min(last, start_minute + minutes - 1)
     if start_minute < 1 or start_minute > end:
@@ -323,6 +330,8 @@ def build_schedule(config: LoadConfig) -> tuple[list[float], str]:
             raise UsageError(f"{n_tasks} tasks exceed --max-tasks {config.max_tasks}")
         rate_fn = rate_function(config, n_tasks=n_tasks)
         offsets = rate_schedule(rate_fn, n_tasks=n_tasks, arrival=config.arrival, rng=rng)
+        if len(offsets) < n_tasks:
+            raise UsageError(f"{n_tasks} tasks at this rate would take longer than a day")
         description = (
             f"{n_tasks} tasks, {config.pattern} pattern at {config.rate:g}/s, "
             f"{config.arrival} arrivals"
@@ -418,12 +427,15 @@ def with_task_body(record: TaskRecord, body: dict[str, Any]) -> TaskRecord:
     """The record updated from a ``GET /tasks/{id}`` (or 202) body; unknown fields ignored."""
     workers = body.get("workers")
     attempts = body.get("attempts")
+    state = body.get("state")
     return replace(
         record,
-        state=str(body.get("state", record.state)),
+        state=state if isinstance(state, str) else record.state,
         attempts=attempts if isinstance(attempts, int) else record.attempts,
         worker=str(body["worker"]) if body.get("worker") else record.worker,
-        workers=tuple(_worker_name(w) for w in workers) if isinstance(workers, list) else (),
+        workers=(
+            tuple(_worker_name(w) for w in workers) if isinstance(workers, list) else record.workers
+        ),
         created_at=_optional_float(body.get("createdAt")) or record.created_at,
         started_at=_optional_float(body.get("startedAt")) or record.started_at,
         finished_at=_optional_float(body.get("finishedAt")) or record.finished_at,
@@ -850,8 +862,12 @@ async def main_async(argv: Sequence[str], *, killer: ContainerKiller | None = No
     summary = summarize(result)
     print(render_text(result, summary))
     if config.report is not None:
-        config.report.write_text(render_html(result, summary), encoding="utf-8")
-        print(f"  report        {config.report}")
+        try:
+            config.report.write_text(render_html(result, summary), encoding="utf-8")
+            print(f"  report        {config.report}")
+        except OSError as exc:
+            # The figures below are still worth having; only the page is missing.
+            logger.error("could not write %s: %s", config.report, exc.strerror)
     if config.json_out:
         print(json.dumps(summary, sort_keys=True))
     return 1 if _failed(summary) else 0

@@ -331,9 +331,10 @@ def test_rate_schedule_follows_pattern(
 
 def test_rate_schedule_poisson_is_seeded_and_keeps_the_mean_rate() -> None:
     def schedule(seed: int) -> list[float]:
-        return loadtest.rate_schedule(
+        offsets: list[float] = loadtest.rate_schedule(
             lambda t: 50.0, n_tasks=2000, arrival="poisson", rng=random.Random(seed)
         )
+        return offsets
 
     first = schedule(7)
 
@@ -418,3 +419,63 @@ async def test_loadtest_writes_self_contained_html_report(
     assert "burst" in page and "ancient" not in page
     assert "<script" not in page and "<link" not in page
     assert "sent" in capsys.readouterr().err
+
+
+def _sleeper(docker_client: Any, image: str, labels: dict[str, str]) -> Any:
+    return docker_client.containers.run(
+        image, entrypoint=["sleep", "120"], labels=labels, detach=True, network_mode="none"
+    )
+
+
+@pytest.mark.docker
+def test_docker_killer_kills_a_managed_container(
+    docker_client: Any, worker_image: str, instance_label: str
+) -> None:
+    container = _sleeper(
+        docker_client,
+        worker_image,
+        {"shoal.managed": "true", "shoal.instance": instance_label, "shoal.pool": "chaos-test"},
+    )
+    killer = loadtest.DockerKiller()
+
+    assert (container.id, container.name) in killer.managed_containers()
+    killer.kill(container.id)
+
+    container.reload()
+    assert container.status == "exited"
+
+
+@pytest.mark.docker
+def test_docker_killer_refuses_an_unmanaged_container(
+    docker_client: Any, worker_image: str, instance_label: str
+) -> None:
+    container = _sleeper(docker_client, worker_image, {"shoal.instance": instance_label})
+    killer = loadtest.DockerKiller()
+
+    assert container.id not in {cid for cid, _ in killer.managed_containers()}
+    with pytest.raises(loadtest.ChaosError):
+        killer.kill(container.id)
+
+    container.reload()
+    assert container.status == "running"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(None, id="missing-file"),
+        pytest.param("minute,calls\n1,3\n", id="wrong-header"),
+        pytest.param("minute,invocations\n1,three\n", id="not-a-number"),
+    ],
+)
+async def test_loadtest_refuses_a_bad_trace(
+    content: str | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = tmp_path / "trace.csv"
+    if content is not None:
+        trace.write_text(content)
+
+    code = await loadtest.main_async(["--url", "http://127.0.0.1:9", "--trace", str(trace)])
+
+    assert code == 2
+    assert str(trace) in capsys.readouterr().err
