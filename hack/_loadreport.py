@@ -49,7 +49,7 @@ class TaskRecord:
 
     @property
     def ran_twice(self) -> bool:
-        return self.attempts > 1 or len(set(self.workers)) > 1
+        return self.attempts > 1 or len(self.workers) > 1
 
     @property
     def wait_s(self) -> float | None:
