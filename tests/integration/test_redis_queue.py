@@ -144,6 +144,35 @@ async def test_redis_entry_read_by_a_lost_process_is_requeued(
         await queue.close()
 
 
+async def test_redis_orphan_behind_many_long_leases_is_found(
+    redis_url: str,  # noqa: F811
+    prefix: str,
+) -> None:
+    """The XAUTOCLAIM sweep walks on past 100 legitimately pending entries."""
+    queue = await RedisQueue.open(redis_url, prefix=prefix, orphan_idle_s=0.0)
+    raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        for n in range(150):
+            await queue.enqueue(EnqueueRequest(pool="p", payload=n))
+            assert await queue.lease("p", worker=f"w{n}", lease_s=3600) is not None
+        orphan, _ = await queue.enqueue(EnqueueRequest(pool="p", payload="orphan"))
+        stream = f"{prefix}:stream:p"
+        await raw.xreadgroup(GROUP, "dead-process", {stream: ">"}, count=1)
+
+        leased = None
+        for _ in range(3):
+            assert await queue.reclaim_expired() == 0
+            leased = await queue.lease("p", worker="late", lease_s=10)
+            if leased is not None:
+                break
+        assert leased is not None and leased.id == orphan.id
+        running = await queue.list(pool="p", state="running", limit=1000)
+        assert len(running) == 151
+    finally:
+        await raw.aclose()
+        await queue.close()
+
+
 async def test_redis_stream_holds_no_entries_of_finished_tasks(
     redis_url: str,  # noqa: F811
     prefix: str,
