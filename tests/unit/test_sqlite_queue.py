@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -11,11 +13,15 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from controller.errors import QueueUnavailable
-from controller.queues import EnqueueRequest
+from controller.queues import EnqueueRequest, RetryPolicy, Task, TaskQueue
+from controller.queues.memory import MemoryQueue
 from controller.queues.sqlite import SqliteQueue
 
 
@@ -261,3 +267,99 @@ async def test_sqlite_sigkill_during_acks_keeps_every_ack_and_leaves_leases_held
         assert counts.queued == 3000 - counts.succeeded
     finally:
         await reopened.close()
+
+
+# --- sqlite behaves exactly as the in-memory model --------------------------------
+
+_POOLS = st.sampled_from(["a", "b"])
+_WORKERS = st.sampled_from(["w1", "w2", "w3"])
+_TASK = st.integers(min_value=0, max_value=7)
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("enqueue"), _POOLS, st.sampled_from([None, "k1", "k2"])),
+        st.tuples(st.just("lease"), _POOLS, _WORKERS, st.sampled_from([5.0, 30.0])),
+        st.tuples(st.just("ack"), _TASK, _WORKERS),
+        st.tuples(st.just("fail"), _TASK, _WORKERS, st.booleans()),
+        st.tuples(st.just("release"), _TASK, _WORKERS),
+        st.tuples(st.just("extend"), _TASK, _WORKERS),
+        st.tuples(st.just("cancel"), _TASK),
+        st.tuples(st.just("redrive"), _TASK),
+        st.tuples(st.just("reclaim")),
+        st.tuples(st.just("advance"), st.sampled_from([0.5, 1.0, 10.0, 40.0])),
+    ),
+    max_size=40,
+)
+
+
+async def _replay(queue: TaskQueue, clock: FakeClock, ops: list[tuple[Any, ...]]) -> list[Any]:
+    """Runs ``ops`` and returns what each answered, with ids replaced by enqueue order."""
+    ids: list[str] = []
+
+    def norm(task: Task | None) -> Any:
+        if task is None:
+            return None
+        fields = dataclasses.asdict(task)
+        fields["id"] = ids.index(task.id) if task.id in ids else task.id
+        return fields
+
+    def task_id(n: int) -> str:
+        return ids[n % len(ids)] if ids else "0" * 24
+
+    retry = RetryPolicy(max_attempts=3, backoff_initial_s=1.0, backoff_max_s=8.0, jitter=True)
+    out: list[Any] = []
+    for op in ops:
+        kind = op[0]
+        if kind == "enqueue":
+            task, created = await queue.enqueue(
+                EnqueueRequest(pool=op[1], payload=len(ids), idempotency_key=op[2], max_attempts=3)
+            )
+            if created:
+                ids.append(task.id)
+            out.append((norm(task), created))
+        elif kind == "lease":
+            out.append(norm(await queue.lease(op[1], worker=op[2], lease_s=op[3])))
+        elif kind == "ack":
+            out.append(await queue.ack(task_id(op[1]), worker=op[2], result={"by": op[2]}))
+        elif kind == "fail":
+            failed = await queue.fail(
+                task_id(op[1]), worker=op[2], error="e", retry=retry, permanent=op[3]
+            )
+            out.append(norm(failed))
+        elif kind == "release":
+            out.append(await queue.release(task_id(op[1]), worker=op[2]))
+        elif kind == "extend":
+            out.append(await queue.extend(task_id(op[1]), worker=op[2], lease_s=30.0))
+        elif kind == "cancel":
+            out.append(norm(await queue.cancel(task_id(op[1]))))
+        elif kind == "redrive":
+            out.append(norm(await queue.redrive(task_id(op[1]))))
+        elif kind == "reclaim":
+            out.append(await queue.reclaim_expired())
+        else:
+            clock.now += op[1]
+        out.append([await queue.counts(pool) for pool in ("a", "b")])
+    out.append([norm(task) for task in await queue.list(limit=1000)])
+    return out
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_OPS)
+def test_sqlite_answers_every_sequence_as_the_memory_model_does(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[Any, ...]]
+) -> None:
+    async def both() -> tuple[list[Any], list[Any]]:
+        model_clock, sqlite_clock = FakeClock(), FakeClock()
+        # Same jitter draws for both: a fixed sequence.
+        model = MemoryQueue(clock=model_clock, rand=itertools.cycle([0.1, 0.7, 0.4]).__next__)
+        real = await SqliteQueue.open(
+            tmp_path_factory.mktemp("model") / "q.db",
+            clock=sqlite_clock,
+            rand=itertools.cycle([0.1, 0.7, 0.4]).__next__,
+        )
+        try:
+            return await _replay(model, model_clock, ops), await _replay(real, sqlite_clock, ops)
+        finally:
+            await real.close()
+
+    expected, actual = asyncio.run(both())
+    assert actual == expected
