@@ -45,13 +45,13 @@ async def test_sqlite_queue_uses_wal_and_normal_sync(tmp_path: Path) -> None:
 
 
 async def test_sqlite_concurrent_enqueues_are_group_committed(tmp_path: Path) -> None:
-    """200 concurrent clients, 5,000 enqueues: no error reaches a caller, commits are shared."""
+    """200 concurrent clients, 10,000 enqueues: no error reaches a caller, commits are shared."""
     queue = await SqliteQueue.open(tmp_path / "q.db")
     try:
 
         async def client(n: int) -> list[str]:
             ids = []
-            for i in range(25):
+            for i in range(50):
                 task, created = await queue.enqueue(
                     EnqueueRequest(pool="p", payload={"client": n, "i": i})
                 )
@@ -61,10 +61,10 @@ async def test_sqlite_concurrent_enqueues_are_group_committed(tmp_path: Path) ->
 
         results = await asyncio.gather(*(client(n) for n in range(200)))
         ids = [task_id for ids in results for task_id in ids]
-        assert len(set(ids)) == 5000
-        assert (await queue.counts("p")).queued == 5000
+        assert len(set(ids)) == 10_000
+        assert (await queue.counts("p")).queued == 10_000
         stats = queue.stats
-        assert stats["operations"] >= 5000
+        assert stats["operations"] >= 10_000
         # Far fewer transactions than operations: the writer batched them.
         assert stats["batches"] < stats["operations"] / 5
     finally:
