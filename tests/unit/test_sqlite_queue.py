@@ -131,6 +131,24 @@ async def test_sqlite_reopen_keeps_running_leases_until_they_expire(tmp_path: Pa
         await reopened.close()
 
 
+async def test_sqlite_one_bad_operation_fails_alone_in_its_batch(tmp_path: Path) -> None:
+    """A batch that fails is replayed one by one: only the bad call sees the error."""
+    queue = await SqliteQueue.open(tmp_path / "q.db")
+    try:
+        calls = [
+            queue.enqueue(EnqueueRequest(pool="p", payload=object() if n == 25 else n))
+            for n in range(50)
+        ]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert len(errors) == 1 and isinstance(errors[0], TypeError)
+        assert (await queue.counts("p")).queued == 49
+        stored = sorted(t.payload for t in await queue.list(pool="p", limit=100))
+        assert stored == [n for n in range(50) if n != 25]
+    finally:
+        await queue.close()
+
+
 async def test_sqlite_closed_queue_raises_queue_unavailable(tmp_path: Path) -> None:
     queue = await SqliteQueue.open(tmp_path / "q.db")
     await queue.close()
