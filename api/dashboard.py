@@ -38,6 +38,7 @@ from api.keys import CONTROLLER
 from controller import logfields
 from controller.manager import Controller
 from controller.reconciler import ScalingEvent
+from controller.registry import WatchEvent
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ routes = web.RouteTableDef()
 # At the busy interval, 1,800 samples hold 15 minutes; idle samples are 4x sparser.
 HISTORY_SAMPLES = 1800
 EVENT_HISTORY = 200
+DEPARTED = 100
 CLIENT_BUFFER = 8
 WRITE_TIMEOUT_S = 5.0
 
@@ -131,8 +133,25 @@ class StreamHub:
         self._event_seq = itertools.count(1)
         self._last_event: ScalingEvent | None = None
         self._last_error: str | None = None
-        controller.registry.subscribe(lambda _event: self._changed.set())
+        # Workers that left, with their final counts: a page opened later still shows their work.
+        self.departed: collections.deque[dict[str, Any]] = collections.deque(maxlen=DEPARTED)
+        controller.registry.subscribe(self._on_registry_change)
         controller.store.subscribe(self._changed.set)
+
+    def _on_registry_change(self, event: WatchEvent) -> None:
+        if event.type == "DELETED":
+            worker = event.worker
+            self.departed.append(
+                {
+                    "id": worker.short_id,
+                    "name": worker.name,
+                    "pool": worker.pool,
+                    "processed": worker.processed,
+                    "failed": worker.failed,
+                    "goneAt": round(self._clock(), 3),
+                }
+            )
+        self._changed.set()
 
     @property
     def n_clients(self) -> int:
@@ -183,6 +202,7 @@ class StreamHub:
                 "intervalS": self.interval_s,
                 "samples": list(self.samples),
                 "events": list(self.events),
+                "departed": list(self.departed),
                 "snapshot": self.latest,
             },
         )
@@ -330,9 +350,20 @@ def _sample_of(snapshot: dict[str, Any]) -> dict[str, Any]:
 _hubs: weakref.WeakKeyDictionary[Controller, StreamHub] = weakref.WeakKeyDictionary()
 
 
+_WIRED = web.AppKey("dashboard_wired", bool)
+
+
 def setup(app: web.Application, *, interval_s: float = 0.5) -> None:
-    """Adds the dashboard routes and runs the hub from startup to shutdown of ``app``."""
-    app.add_routes(routes)
+    """Adds the dashboard routes and runs the hub from startup to shutdown of ``app``.
+
+    Idempotent, and safe on an app that already has ``routes`` added: only the hooks are new.
+    """
+    if app.get(_WIRED):
+        return
+    app[_WIRED] = True
+    paths = {r.resource.canonical for r in app.router.routes() if r.resource is not None}
+    if "/v1/stream" not in paths:
+        app.add_routes(routes)
 
     async def on_startup(app: web.Application) -> None:
         hub = StreamHub(app[CONTROLLER], interval_s=interval_s)

@@ -40,6 +40,10 @@
       state.samples = hello.samples.slice(-MAX_SAMPLES);
       state.events.clear();
       hello.events.forEach(addEvent);
+      state.processed.clear();
+      for (const w of hello.departed) {
+        state.processed.set(w.name, { id: w.id, pool: w.pool, processed: w.processed, gone: true });
+      }
       if (hello.snapshot) applySnapshot(hello.snapshot, false);
       state.shownEventSeq = state.lastEventSeq;
       setConn("live", "Live");
@@ -269,7 +273,8 @@
     const n = state.samples.length;
     if (!n) return { samples: [], t0: 0, t1: 0 };
     const t1 = state.samples[n - 1].t;
-    const t0 = t1 - state.windowS;
+    // A short history fills the chart instead of hugging its right edge; at least a minute.
+    const t0 = t1 - Math.min(state.windowS, Math.max(60, t1 - state.samples[0].t));
     let i = n - 1;
     while (i > 0 && state.samples[i - 1].t >= t0) i--;
     // One sample before the window keeps the line from starting in mid-air.
@@ -348,13 +353,17 @@
     return node;
   }
 
-  function niceMax(v) {
-    if (v <= 4) return 4;
-    const mag = Math.pow(10, Math.floor(Math.log10(v)));
-    for (const m of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) {
-      if (m * mag >= v) return m * mag;
+  // Whole-number ticks, at most five steps: counts of tasks and replicas have no halves.
+  function niceScale(v) {
+    const top = Math.max(4, v);
+    const mag = Math.pow(10, Math.floor(Math.log10(top)));
+    for (const m of [0.1, 0.2, 0.25, 0.5, 1, 2, 2.5, 5, 10]) {
+      const step = m * mag;
+      if (Number.isInteger(step) && step * 5 >= top) {
+        return { max: Math.ceil(top / step) * step, step };
+      }
     }
-    return 10 * mag;
+    return { max: Math.ceil(top / (10 * mag)) * 10 * mag, step: 10 * mag };
   }
 
   function clock(t) {
@@ -372,18 +381,15 @@
 
     let vmax = 0;
     for (const s of series) for (const [, v] of s.points) if (v !== null && v > vmax) vmax = v;
-    const ymax = niceMax(vmax);
+    const { max: ymax, step: ystep } = niceScale(vmax);
     const span = Math.max(1, t1 - t0);
     const x = (t) => m.l + ((t - t0) / span) * w;
     const y = (v) => m.t + h - (v / ymax) * h;
 
-    const ticks = 4;
-    for (let i = 0; i <= ticks; i++) {
-      const v = (ymax / ticks) * i;
+    for (let v = 0; v <= ymax; v += ystep) {
       const yy = y(v);
       svg.append(svgEl("line", { class: "grid-line", x1: m.l, x2: m.l + w, y1: yy, y2: yy }));
-      const text = Number.isInteger(v) ? String(v) : v.toFixed(1);
-      svg.append(svgEl("text", { x: m.l - 6, y: yy + 4, "text-anchor": "end" }, text));
+      svg.append(svgEl("text", { x: m.l - 6, y: yy + 4, "text-anchor": "end" }, fmt(v)));
     }
     const steps = [5, 10, 15, 30, 60, 120, 300, 600];
     const step = steps.find((s) => span / s <= 6) || 900;
@@ -557,9 +563,11 @@
       time.title = new Date(e.time * 1000).toString();
       tr.append(time);
       tr.append(cell(e.pool));
-      const up = e.to > e.from;
-      const change = cell(`${up ? "▲" : "▼"} ${e.from} → ${e.to}`, `change ${up ? "up" : "down"}`);
-      change.setAttribute("aria-label", `${up ? "up" : "down"} from ${e.from} to ${e.to}`);
+      const way = e.to > e.from ? "up" : e.to < e.from ? "down" : "same";
+      const mark = { up: "▲", down: "▼", same: "●" }[way];
+      const change = cell(`${mark} ${e.from} → ${e.to}`, `change ${way}`);
+      const words = { up: "up", down: "down", same: "set" }[way];
+      change.setAttribute("aria-label", `${words} from ${e.from} to ${e.to}`);
       tr.append(change);
       tr.append(cell(e.reason));
       return tr;

@@ -165,7 +165,7 @@ async def test_dashboard_asset_refuses_files_not_listed(
 def test_dashboard_assets_load_nothing_from_another_origin() -> None:
     html = (ASSET_DIR / "index.html").read_text()
     for ref in re.findall(r'(?:src|href)="([^"]+)"', html):
-        assert ref.startswith(("/", "#")), ref
+        assert ref.startswith(("/", "#")) or ref == "data:,", ref
     script = (ASSET_DIR / "app.js").read_text()
     urls = set(re.findall(r"https?://[^\s\"'`)]+", script))
     # The SVG namespace is a name, not a download.
@@ -394,3 +394,42 @@ async def test_stream_works_with_routes_alone(controller: Controller) -> None:
         hub = dashboard.hub_of(test_client.app)
         assert hub.n_clients == 1
         response.close()
+
+
+async def test_hello_remembers_the_work_of_workers_that_left(controller: Controller) -> None:
+    hub = dashboard.StreamHub(controller, clock=lambda: 50.0)
+    add_worker(controller, name="shoal-alpha-1", pool="alpha", port=41001)
+    worker_id = WorkerId(f"{'shoal-alpha-1':0<64}")
+    controller.registry.mark_ready(worker_id)
+    for _ in range(3):
+        controller.registry.acquire_slot(worker_id)
+        controller.registry.release_slot(worker_id, processed=True)
+    controller.registry.remove(worker_id)
+
+    client, hello = await hub.attach()
+
+    data = json.loads(hello.decode().split("data: ", 1)[1])
+    assert data["departed"] == [
+        {
+            "id": "shoal-alpha-",
+            "name": "shoal-alpha-1",
+            "pool": "alpha",
+            "processed": 3,
+            "failed": 0,
+            "goneAt": 50.0,
+        }
+    ]
+    assert data["snapshot"]["workers"] == []
+    await hub.detach(client)
+
+
+def test_setup_is_idempotent_and_accepts_routes_added_before(controller: Controller) -> None:
+    app = make_app(controller, manage_controller=False)
+    app.add_routes(dashboard.routes)
+    n_routes = len(app.router.routes())
+
+    dashboard.setup(app)
+    dashboard.setup(app)
+
+    assert len(app.router.routes()) == n_routes
+    assert len(app.on_shutdown) == 1
