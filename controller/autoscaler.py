@@ -17,7 +17,8 @@ The rules, in the order they apply (``docs/autoscaling.md`` explains each one):
    forecast; the raw recommendation is their maximum;
 2. panic (Knative): demand at ``threshold`` x the current replicas scales up at once and
    forbids scale-down until the trigger has been absent for ``panic.window``;
-3. otherwise HPA's stabilization windows and per-period rate limits;
+3. otherwise HPA's stabilization windows and per-period rate limits (``maxStep``); scale-down
+   also takes at most one step per ``scaleDown.period``, so a pool shrinks in few steps;
 4. scale to zero only after ``scaleToZero.after`` without work; a queued task wakes a pool
    at zero at once; finally the clamp to ``[min, max]``.
 """
@@ -36,6 +37,9 @@ FALLBACK_HORIZON_S = 5.0
 # the smoothing per second of trace stays the same.
 _LEVEL_GAIN = 0.3
 _TREND_GAIN = 0.1
+
+# Forecast load (in workers) below which the forecast asks for no replica at all.
+_FORECAST_FLOOR = 0.5
 
 # Guards ceil() against 6.000000001 from float division.
 _EPSILON = 1e-9
@@ -111,6 +115,7 @@ class History:
     last_desired: int | None = None
     last_busy_s: float | None = None
     panic_until_s: float | None = None
+    last_scale_down_s: float | None = None
     smoother: RateSmoother | None = None
 
     @staticmethod
@@ -191,7 +196,10 @@ def _forecast(
 
     # Little's law gives busy slots; the utilization target, when set, adds headroom.
     slots = rate * metrics.service_time_s / (spec.scaling.targets.utilization or 1.0)
-    return rate, _ceil(slots / metrics.concurrency)
+    workers = slots / metrics.concurrency
+    # NB: a fading rate never reaches zero; less than half a worker's worth of work asks for
+    # none, or the forecast alone would keep an idle pool from ever scaling to zero.
+    return rate, _ceil(workers) if workers >= _FORECAST_FLOOR else 0
 
 
 def _in_window(
@@ -235,6 +243,7 @@ def _rate_limit(
     value: int,
     prev: int,
     now_s: float,
+    last_scale_down_s: float | None,
 ) -> tuple[int, str | None]:
     """At most ``maxStep`` replicas more (or fewer) than at any point of the last period.
 
@@ -250,6 +259,12 @@ def _rate_limit(
         return value, None
 
     down = spec.scaling.scale_down
+    # Without maxStep, the period still paces scale-down: one step per period, each straight
+    # to what the window allows, rather than a new step each time an old peak leaves it.
+    if value < prev and last_scale_down_s is not None:
+        wait_s = last_scale_down_s + down.period - now_s
+        if wait_s > 0:
+            return prev, f"next scale-down in {wait_s:.0f}s (one per {down.period:g}s)"
     if value < prev and down.max_step is not None:
         base = max([prev, *_in_window(before, now_s=now_s, window_s=down.period)])
         lower = base - down.max_step
@@ -330,7 +345,14 @@ def decide(spec: PoolSpec, metrics: PoolMetrics, history: History) -> Decision:
         )
         if note:
             notes.append(note)
-        desired, note = _rate_limit(spec, before=before, value=desired, prev=prev, now_s=now_s)
+        desired, note = _rate_limit(
+            spec,
+            before=before,
+            value=desired,
+            prev=prev,
+            now_s=now_s,
+            last_scale_down_s=history.last_scale_down_s,
+        )
         if note:
             notes.append(note)
 
@@ -363,6 +385,7 @@ def decide(spec: PoolSpec, metrics: PoolMetrics, history: History) -> Decision:
         last_desired=desired,
         last_busy_s=last_busy_s,
         panic_until_s=panic_until_s,
+        last_scale_down_s=now_s if desired < prev else history.last_scale_down_s,
         smoother=smoother,
     )
     return Decision(

@@ -48,10 +48,10 @@ spec:
   replicas: {min: 0, max: 40}
   scaling:
     evaluationInterval: 1s
-    targets: {backlogPerReplica: 1, tolerance: 0.1}
+    targets: {backlogPerReplica: 1, tolerance: 0.2}
     scaleUp: {stabilizationWindow: 0s, maxStep: 4, period: 15s}
-    scaleDown: {stabilizationWindow: 30s}
-    spawn: {maxInFlight: 4, minInterval: 0s}
+    scaleDown: {stabilizationWindow: 30s, period: 15s}
+    spawn: {maxInFlight: 16, minInterval: 0s}
     scaleToZero: {after: 30s}
     panic: {enabled: true, window: 6s, threshold: 2}
     predictive: {enabled: true, horizon: auto}

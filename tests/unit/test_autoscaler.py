@@ -208,6 +208,31 @@ CASES = [
         desired=4,
     ),
     Case(
+        "scale-down-one-step-per-period",
+        make_spec(
+            replicas={"min": 1, "max": 32}, scaling={"scaleDown": {"stabilizationWindow": 0}}
+        ),
+        [
+            observe(0, queued=8, in_flight=8, ready=8),
+            observe(1, queued=2, in_flight=4, ready=8),
+            observe(5, in_flight=1, ready=4),
+        ],
+        desired=4,
+        reason="next scale-down in 11s (one per 15s)",
+    ),
+    Case(
+        "scale-down-next-step-after-period",
+        make_spec(
+            replicas={"min": 1, "max": 32}, scaling={"scaleDown": {"stabilizationWindow": 0}}
+        ),
+        [
+            observe(0, queued=8, in_flight=8, ready=8),
+            observe(1, queued=2, in_flight=4, ready=8),
+            observe(16, in_flight=1, ready=6),
+        ],
+        desired=1,
+    ),
+    Case(
         "scale-down-max-step",
         make_spec(
             replicas={"min": 1, "max": 32},
