@@ -311,7 +311,7 @@ def decide(spec: PoolSpec, metrics: PoolMetrics, history: History) -> Decision:
         recs.append(("forecast", forecast_replicas))
         notes.append(f"forecast {forecast_rate:.2f}/s -> {forecast_replicas}")
     # A recommendation above max would only make panic and the windows hold on to nothing.
-    raw = max(value for _, value in recs)
+    demand = raw = max(value for _, value in recs)
     if raw > highest:
         notes.append(f"clamped to [{lowest}, {highest}] -> {highest}")
         raw = highest
@@ -324,7 +324,9 @@ def decide(spec: PoolSpec, metrics: PoolMetrics, history: History) -> Decision:
     before = tuple((t, v) for t, v in history.before if t > now_s - retention_s)
 
     # Step 2: panic, Knative's answer to bursts: up at once, never down while it lasts.
-    triggered = scaling.panic.enabled and raw > current and raw >= scaling.panic.threshold * current
+    # NB: the trigger reads the demand before the clamp, or a burst past max would never panic.
+    threshold = scaling.panic.threshold
+    triggered = scaling.panic.enabled and raw > current and demand >= threshold * current
     panic_until_s = history.panic_until_s
     if triggered:
         panic_until_s = now_s + scaling.panic.window
@@ -337,7 +339,7 @@ def decide(spec: PoolSpec, metrics: PoolMetrics, history: History) -> Decision:
         if desired > raw:
             notes.append(f"panic: holding {desired}, no scale-down")
         elif triggered:
-            notes.append(f"panic: demand {raw} >= {scaling.panic.threshold:g} x {current}")
+            notes.append(f"panic: demand {demand} >= {threshold:g} x {current}")
     else:
         # Step 3: stabilization windows, then per-period rate limits.
         desired, note = _stabilize(

@@ -251,6 +251,14 @@ CASES = [
         panic=True,
     ),
     Case(
+        "panic-sees-demand-beyond-max",
+        make_spec(replicas={"min": 0, "max": 12}),
+        [observe(0, queued=30, in_flight=10, ready=10)],
+        desired=12,
+        reason="panic: demand 20 >= 2 x 10",
+        panic=True,
+    ),
+    Case(
         "panic-forbids-scale-down",
         make_spec(scaling={"scaleDown": {"stabilizationWindow": 0}}),
         [
