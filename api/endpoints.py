@@ -1,0 +1,400 @@
+"""Where the balancer learns which workers it may route to: the registry, and nothing else.
+
+It owns the two ways of following the registry and of asking for capacity:
+``RegistryControlPlane`` subscribes to the controller's ``Registry`` in the same
+process (``shoal up --balancer-port``), and ``HttpControlPlane`` lists and watches
+``GET /v1/workers`` of a controller over HTTP (``shoal balancer --controller``),
+resuming from its last ``resourceVersion`` and listing again on 410 or when a
+resume fails, as a Kubernetes informer does. Both hand the proxy the routable
+set (ready, healthy, with a host port) as ``Backend`` snapshots, and only when
+that set changes. It never writes to the registry and never starts a worker:
+it only asks the reconciler for capacity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import aiohttp
+
+from api.balancer import Backend, StrategyName
+from controller import logfields
+from controller.registry import Registry, WatchEvent, WorkerRecord
+
+if TYPE_CHECKING:
+    from controller.manager import Controller
+
+logger = logging.getLogger(__name__)
+
+# Called with every routable worker by id, after each change of that set.
+OnChange = Callable[[Mapping[str, Backend]], None]
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    name: str
+    max_replicas: int
+    strategy: StrategyName = "least-connections"
+
+
+class ControlPlane(Protocol):
+    """What the proxy needs from the controller; the seam its tests fake."""
+
+    async def start(self, on_change: OnChange) -> None:
+        """Begins following the registry; ``on_change`` gets the first routable set at once."""
+        ...
+
+    def pools(self) -> Mapping[str, PoolInfo]: ...
+
+    async def refresh_pools(self) -> None:
+        """Reads the declared pools again (a request named one not known yet)."""
+        ...
+
+    async def request_capacity(self, pool: str) -> bool | None:
+        """Asks for at least one worker: True asked, False refused (max 0), None unknown."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def backend_of(record: WorkerRecord) -> Backend | None:
+    if not record.routable or record.host_port is None:
+        return None
+    return Backend(
+        worker_id=record.worker_id,
+        name=record.name,
+        pool=record.pool,
+        host=record.host,
+        port=record.host_port,
+    )
+
+
+def backend_from_json(doc: Mapping[str, Any]) -> Backend | None:
+    """A worker object of the watch API as a Backend, or None when it may not get traffic."""
+    port = doc.get("hostPort")
+    if doc.get("state") != "ready" or doc.get("healthy") is not True or not isinstance(port, int):
+        return None
+    return Backend(
+        worker_id=str(doc["workerId"]),
+        name=str(doc.get("name", "")),
+        pool=str(doc.get("pool", "")),
+        host=str(doc.get("host") or "127.0.0.1"),
+        port=port,
+    )
+
+
+class _RoutableSet:
+    """The routable workers by id; reports to the proxy only when the set really changed."""
+
+    def __init__(self, on_change: OnChange) -> None:
+        self._on_change = on_change
+        self._backends: dict[str, Backend] = {}
+
+    def put(self, worker_id: str, backend: Backend | None) -> None:
+        old = self._backends.get(worker_id)
+        if backend == old:
+            return
+        if backend is None:
+            del self._backends[worker_id]
+        else:
+            self._backends[worker_id] = backend
+        self._on_change(dict(self._backends))
+
+    def replace(self, backends: Mapping[str, Backend], *, force: bool = False) -> None:
+        if dict(backends) == self._backends and not force:
+            return
+        self._backends = dict(backends)
+        self._on_change(dict(self._backends))
+
+
+class RegistryControlPlane:
+    """Follows a ``Registry`` in the same event loop, synchronously.
+
+    NB: the registry calls listeners inside ``_publish``, so a worker marked
+    draining leaves the routing table before the reconciler's next await, and
+    therefore before its container is asked to stop.
+    """
+
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        pools: Callable[[], Mapping[str, PoolInfo]],
+        request_capacity: Callable[[str], bool],
+    ) -> None:
+        self._registry = registry
+        self._pools = pools
+        self._request_capacity = request_capacity
+        self._routable: _RoutableSet | None = None
+        self._subscribed = False
+
+    @classmethod
+    def from_controller(cls, controller: Controller) -> RegistryControlPlane:
+        def pools() -> dict[str, PoolInfo]:
+            return {
+                name: PoolInfo(
+                    name=name,
+                    max_replicas=pool.spec.replicas.max,
+                    strategy=pool.spec.balancer.strategy,
+                )
+                for name, pool in controller.store.pools.items()
+            }
+
+        return cls(
+            registry=controller.registry,
+            pools=pools,
+            request_capacity=controller.reconciler.request_capacity,
+        )
+
+    async def start(self, on_change: OnChange) -> None:
+        self._routable = _RoutableSet(on_change)
+        current: dict[str, Backend] = {}
+        for record in self._registry.list():
+            backend = backend_of(record)
+            if backend is not None:
+                current[record.worker_id] = backend
+        self._routable.replace(current, force=True)
+        if not self._subscribed:
+            # The registry has no unsubscribe; a closed plane just ignores events.
+            self._registry.subscribe(self._on_event)
+            self._subscribed = True
+
+    def _on_event(self, event: WatchEvent) -> None:
+        if self._routable is None:
+            return
+        worker = event.worker
+        backend = backend_of(worker) if event.type != "DELETED" else None
+        self._routable.put(worker.worker_id, backend)
+
+    def pools(self) -> Mapping[str, PoolInfo]:
+        return self._pools()
+
+    async def refresh_pools(self) -> None:
+        return None
+
+    async def request_capacity(self, pool: str) -> bool | None:
+        return self._request_capacity(pool)
+
+    async def close(self) -> None:
+        self._routable = None
+
+
+class _WatchExpired(Exception):
+    pass
+
+
+class HttpControlPlane:
+    """Lists and watches a controller's ``/v1/workers`` over HTTP; reads pools from status.
+
+    While the controller cannot be reached the last known routable set stays in
+    force (workers outlive a controller restart), and the client retries with
+    back-off up to ``max_backoff_s``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool: str | None = None,
+        strategy: StrategyName = "least-connections",
+        pools_interval_s: float = 10.0,
+        watch_idle_s: float = 300.0,
+        max_backoff_s: float = 5.0,
+        first_list_timeout_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._pool = pool
+        self._strategy = strategy
+        self._pools_interval_s = pools_interval_s
+        self._watch_idle_s = watch_idle_s
+        self._max_backoff_s = max_backoff_s
+        self._first_list_timeout_s = first_list_timeout_s
+        self._clock = clock
+        self._pools: dict[str, PoolInfo] = {}
+        self._pools_read_at = -float("inf")
+        self._workers: dict[str, Backend | None] = {}
+        self._routable: _RoutableSet | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listed = asyncio.Event()
+        self.resource_version = 0
+        self.lists = 0  # how many full lists were made (tests and status read it)
+
+    async def start(self, on_change: OnChange) -> None:
+        self._routable = _RoutableSet(on_change)
+        self._routable.replace({}, force=True)
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0),
+        )
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._follow(), name="balancer-watch"),
+            loop.create_task(self._poll_pools(), name="balancer-pools"),
+        ]
+        # Serving may begin before the controller answers: requests then wait in the activator.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._listed.wait(), timeout=self._first_list_timeout_s)
+
+    def pools(self) -> Mapping[str, PoolInfo]:
+        return self._pools
+
+    async def refresh_pools(self) -> None:
+        # At most once a second, so unknown pool names cannot flood the controller.
+        if self._clock() - self._pools_read_at < 1.0:
+            return
+        self._pools_read_at = self._clock()
+        try:
+            await self._read_pools()
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            logger.warning("cannot read pools from %s: %s", self.url, exc)
+
+    async def request_capacity(self, pool: str) -> bool | None:
+        session = self._session
+        if session is None:
+            return None
+        try:
+            async with session.post(
+                f"{self.url}/v1/pools/{pool}/activate",
+                timeout=aiohttp.ClientTimeout(total=5.0),
+            ) as response:
+                if response.status in (200, 202):
+                    return True
+                if response.status in (404, 409):
+                    return False
+                logger.warning("activate %s answered %d", pool, response.status)
+                return None
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            logger.warning(
+                "cannot ask %s for capacity in pool %s: %s",
+                self.url,
+                pool,
+                exc,
+                extra={logfields.POOL: pool},
+            )
+            return None
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- following -----------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        failures = 0
+        resume = False
+        while True:
+            try:
+                if not resume:
+                    await self._list()
+                resume = False
+                await self._watch()
+                # The stream ended cleanly (controller restart or idle bound): resume.
+                resume = True
+                failures = 0
+            except _WatchExpired:
+                logger.info("watch of %s expired at %d; listing again", self.url, self._rv())
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError) as exc:
+                failures += 1
+                delay = min(self._max_backoff_s, 0.1 * 2 ** min(failures, 8))
+                logger.warning(
+                    "following %s failed (attempt %d), retrying in %.1fs: %s",
+                    self.url,
+                    failures,
+                    delay,
+                    exc or type(exc).__name__,
+                    extra={logfields.ATTEMPT: failures},
+                )
+                await asyncio.sleep(delay)
+
+    def _rv(self) -> int:
+        return self.resource_version
+
+    def _query(self) -> dict[str, str]:
+        return {"pool": self._pool} if self._pool else {}
+
+    async def _list(self) -> None:
+        assert self._session is not None and self._routable is not None
+        async with self._session.get(
+            f"{self.url}/v1/workers",
+            params=self._query(),
+            timeout=aiohttp.ClientTimeout(total=10.0),
+        ) as response:
+            response.raise_for_status()
+            doc = await response.json()
+        workers = {str(item["workerId"]): backend_from_json(item) for item in doc["items"]}
+        self._workers = workers
+        self.resource_version = int(doc["resourceVersion"])
+        self._routable.replace({k: v for k, v in workers.items() if v is not None})
+        self.lists += 1
+        if not self._listed.is_set():
+            await self.refresh_pools()
+            self._listed.set()
+
+    async def _watch(self) -> None:
+        assert self._session is not None and self._routable is not None
+        params = {**self._query(), "watch": "true", "resourceVersion": str(self._rv())}
+        async with self._session.get(
+            f"{self.url}/v1/workers",
+            params=params,
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=self._watch_idle_s),
+        ) as response:
+            response.raise_for_status()
+            async for line in response.content:
+                if line.strip():
+                    self._apply(json.loads(line))
+
+    def _apply(self, event: Mapping[str, Any]) -> None:
+        assert self._routable is not None
+        kind = event.get("type")
+        if kind == "ERROR":
+            if event.get("code") == 410:
+                raise _WatchExpired
+            raise ValueError(f"watch error: {event.get('error')}")
+        obj = event["object"]
+        worker_id = str(obj["workerId"])
+        self.resource_version = int(event["resourceVersion"])
+        if self._pool is not None and obj.get("pool") != self._pool:
+            return
+        backend = None if kind == "DELETED" else backend_from_json(obj)
+        if kind == "DELETED":
+            self._workers.pop(worker_id, None)
+        else:
+            self._workers[worker_id] = backend
+        self._routable.put(worker_id, backend)
+
+    async def _poll_pools(self) -> None:
+        while True:
+            await asyncio.sleep(self._pools_interval_s)
+            await self.refresh_pools()
+
+    async def _read_pools(self) -> None:
+        assert self._session is not None
+        async with self._session.get(
+            f"{self.url}/autoscaler-status", timeout=aiohttp.ClientTimeout(total=5.0)
+        ) as response:
+            response.raise_for_status()
+            doc = await response.json()
+        pools: dict[str, PoolInfo] = {}
+        for name, status in (doc.get("pools") or {}).items():
+            replicas = status.get("replicas") or {}
+            pools[name] = PoolInfo(
+                name=name,
+                max_replicas=int(replicas.get("max", 1)),
+                strategy=self._strategy,
+            )
+        self._pools = pools
