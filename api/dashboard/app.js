@@ -41,7 +41,7 @@
       state.events.clear();
       hello.events.forEach(addEvent);
       state.processed.clear();
-      for (const w of hello.departed) {
+      for (const w of hello.departed ?? []) {
         state.processed.set(w.name, { id: w.id, pool: w.pool, processed: w.processed, gone: true });
       }
       if (hello.snapshot) applySnapshot(hello.snapshot, false);
@@ -423,14 +423,18 @@
     }
 
     for (const ev of events) {
-      const up = ev.to > ev.from;
+      const way = ev.to > ev.from ? "up" : ev.to < ev.from ? "down" : "same";
       const xx = x(ev.time);
-      const g = svgEl("g", { class: `ev ${up ? "up" : "down"}` });
+      const g = svgEl("g", { class: `ev ${way}` });
       g.append(svgEl("line", { class: "ev-line", x1: xx, x2: xx, y1: m.t, y2: m.t + h }));
-      const tri = up
-        ? `M${xx - 5},${m.t + 7} L${xx + 5},${m.t + 7} L${xx},${m.t - 1} Z`
-        : `M${xx - 5},${m.t - 1} L${xx + 5},${m.t - 1} L${xx},${m.t + 7} Z`;
-      g.append(svgEl("path", { d: tri }));
+      if (way === "same") {
+        g.append(svgEl("circle", { cx: xx, cy: m.t + 3, r: 3.5 }));
+      } else {
+        const tri = way === "up"
+          ? `M${xx - 5},${m.t + 7} L${xx + 5},${m.t + 7} L${xx},${m.t - 1} Z`
+          : `M${xx - 5},${m.t - 1} L${xx + 5},${m.t - 1} L${xx},${m.t + 7} Z`;
+        g.append(svgEl("path", { d: tri }));
+      }
       g.append(svgEl("title", {}, `${clock(ev.time)} ${ev.pool}: ${ev.from} → ${ev.to}: ${ev.reason}`));
       plot.append(g);
     }
