@@ -13,11 +13,12 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.e2e.conftest import RunningShoal
+if TYPE_CHECKING:
+    from tests.e2e.conftest import RunningShoal
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
