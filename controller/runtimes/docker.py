@@ -187,6 +187,10 @@ class _EventWatcher:
     def _follow(self, since: str | None) -> str | None:
         """Follows one connection to its end; returns where the next one should resume."""
         client = self._runtime._client_sync()
+        if since is None:
+            # Resume points start at the first connection, so even a drop before the first
+            # event replays what happened in the gap.
+            since = f"{time.time():.9f}"
         stream = client.events(
             decode=True,
             since=since,
@@ -226,7 +230,7 @@ class DockerRuntime:
         self,
         *,
         instance: str = "default",
-        client: Any = None,
+        client: docker.DockerClient | None = None,
         max_concurrency: int = 4,
         extra_labels: Mapping[str, str] | None = None,
         start_timeout_s: float = 10.0,
@@ -252,6 +256,12 @@ class DockerRuntime:
     # -- the Runtime protocol -------------------------------------------------------------
 
     async def start(self, spec: WorkerSpec) -> ObservedWorker:
+        """Creates and starts the container; returns once Docker has bound its host port.
+
+        NB: cancelling the caller does not stop a start already running in its thread. The
+        container then appears in ``list()`` like any other, for the reconciler to keep or
+        remove; a start that fails removes its container itself.
+        """
         return await self._run(self._start_sync, spec)
 
     async def stop(self, worker_id: WorkerId, *, grace_s: float) -> None:
@@ -319,7 +329,7 @@ class DockerRuntime:
         """Calls ``fn`` with retries and backoff on transient engine failures."""
         retryer = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self._retry_attempts),
-            wait=tenacity.wait_exponential_jitter(initial=0.1, max=2.0),
+            wait=tenacity.wait_exponential(multiplier=0.1, max=2.0) + tenacity.wait_random(0, 0.1),
             retry=tenacity.retry_if_exception(
                 functools.partial(_is_transient, server_errors=server_errors)
             ),

@@ -11,6 +11,7 @@ import gc
 import io
 import json
 import secrets
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -379,6 +380,83 @@ async def test_docker_runtime_refuses_calls_after_close(tmp_path):
     assert [e async for e in rt.events()] == []
     client.close()
     gc.collect()
+
+
+class _FakeStream:
+    """One connection's worth of engine events; blocks at its end when ``hold`` is set."""
+
+    def __init__(self, items: list[dict[str, Any]], *, hold: bool = False) -> None:
+        self._items = items
+        self._released = threading.Event()
+        if not hold:
+            self._released.set()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        yield from self._items
+        self._released.wait(timeout=30)
+
+    def close(self) -> None:
+        self._released.set()
+
+
+class _FakeEventsClient:
+    """Stands in for DockerClient at the seam: each events() call is one connection."""
+
+    def __init__(self, connections: list[Any]) -> None:
+        self._connections = connections
+        self.calls: list[dict[str, Any]] = []
+
+    def events(self, **kwargs: Any) -> _FakeStream:
+        self.calls.append(kwargs)
+        outcome = self._connections.pop(0) if self._connections else _FakeStream([], hold=True)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def close(self) -> None:
+        pass
+
+
+def _raw_event(action: str, container_id: str, time_ns: int, **labels: str) -> dict[str, Any]:
+    return {
+        "Type": "container",
+        "Action": action,
+        "Actor": {"ID": container_id, "Attributes": {"name": "w", **labels}},
+        "timeNano": time_ns,
+    }
+
+
+async def test_docker_runtime_events_resume_after_a_lost_stream():
+    ours = {LABEL_MANAGED: "true", LABEL_INSTANCE: "ev"}
+    client = _FakeEventsClient(
+        [
+            _FakeStream(
+                [
+                    _raw_event("start", "c1", 1_700_000_000_000_000_005, **ours),
+                    _raw_event("start", "c2", 1_700_000_000_000_000_006),
+                ]
+            ),
+            OSError("engine restarting"),
+            _FakeStream([_raw_event("die", "c1", 1_700_000_001_000_000_000, **ours)], hold=True),
+        ]
+    )
+    rt = DockerRuntime(instance="ev", client=client)
+    seen: list[RuntimeEvent] = []
+
+    async def collect() -> None:
+        async for event in rt.events():
+            seen.append(event)
+            if len(seen) == 2:
+                await rt.close()
+
+    async with asyncio.timeout(20):
+        await collect()
+
+    assert [(e.worker_id, e.action) for e in seen] == [("c1", "start"), ("c1", "die")]
+    # Both reconnects resume just after the last event read (even one filtered out here), so
+    # nothing that happened in the gap is lost.
+    assert [call["since"] for call in client.calls[1:3]] == ["1700000000.000000007"] * 2
+    assert client.calls[0]["filters"]["label"] == [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}=ev"]
 
 
 @pytest.mark.parametrize(
