@@ -260,6 +260,8 @@ class StreamHub:
                 "queued": counts[name].get("queued", 0),
                 "running": counts[name].get("running", 0),
                 "dead": counts[name].get("dead", 0),
+                "succeeded": counts[name].get("succeeded", 0),
+                "failed": counts[name].get("failed", 0),
                 "desired": status["desired"],
                 "ready": status["ready"],
                 "starting": status["starting"],
@@ -293,7 +295,6 @@ class StreamHub:
             "pools": pools,
             "workers": workers,
             "events": self._new_events(),
-            "outcomes": dict(controller.outcomes),
             "policyError": error.to_json() if error is not None else None,
         }
 

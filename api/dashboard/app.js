@@ -191,7 +191,6 @@
     $("stat-queued").textContent = fmt(queued ?? 0);
     $("stat-running").textContent = fmt(sum(pools.map((p) => p.running)) ?? 0);
     const dead = sum(pools.map((p) => p.dead)) ?? 0;
-    $("stat-dead").textContent = dead ? `tasks on workers · ${fmt(dead)} dead` : "tasks on workers";
     const observed = sum(pools.map((p) => p.ready + p.starting)) ?? 0;
     $("stat-observed").textContent = fmt(observed);
     $("stat-desired").textContent = fmt(sum(pools.map((p) => p.desired)));
@@ -200,25 +199,18 @@
     const hi = sum(pools.map((p) => p.max));
     $("stat-bounds").textContent =
       `observed / desired · ${fmt(ready)} ready` + (lo !== null ? ` · bounds ${lo}–${hi}` : "");
-    const workers = snap.workers.filter((w) => !state.pool || w.pool === state.pool);
-    const processed = state.pool
-      ? sum(workers.map((w) => w.processed)) ?? 0
-      : snap.outcomes.succeeded ?? 0;
-    $("stat-processed").textContent = fmt(processed);
-    const failed = (snap.outcomes.failed ?? 0) + (snap.outcomes.retried ?? 0);
-    $("stat-outcomes").textContent = state.pool
-      ? "by this pool's live containers"
-      : `tasks succeeded · ${fmt(failed)} failed or retried`;
+    $("stat-processed").textContent = fmt(sum(pools.map((p) => p.succeeded)) ?? 0);
+    const failed = sum(pools.map((p) => p.failed)) ?? 0;
+    $("stat-outcomes").textContent = `tasks succeeded · ${fmt(failed)} failed · ${fmt(dead)} dead`;
     const reasonEl = $("stat-reason");
     reasonEl.replaceChildren();
     const names = selectedPools(snap);
     if (!names.length) {
-      reasonEl.textContent = "No pools declared.";
+      reasonEl.append(el("li", null, "No pools declared."));
     }
     for (const name of names) {
       const p = snap.pools[name];
-      const line = document.createElement("span");
-      line.className = "reason";
+      const line = el("li", "reason");
       const head = names.length > 1 ? `${name}: ` : "";
       line.textContent = head + (p.reason ?? "no decision yet");
       if (p.panic) {

@@ -26,7 +26,7 @@ N_TASKS = 4
 
 
 async def test_dashboard_shows_workers_queue_and_scaling_live(
-    shoal: RunningShoal, browser: Any, docker_client: Any, tmp_path: Path
+    browser: Any, shoal: RunningShoal, docker_client: Any, tmp_path: Path
 ) -> None:
     from playwright.async_api import expect
 

@@ -433,3 +433,16 @@ def test_setup_is_idempotent_and_accepts_routes_added_before(controller: Control
 
     assert len(app.router.routes()) == n_routes
     assert len(app.on_shutdown) == 1
+
+
+async def test_hub_counts_finished_tasks_per_pool(controller: Controller) -> None:
+    hub = dashboard.StreamHub(controller)
+    for _ in range(2):
+        await controller.submit(enqueue_request("beta"))
+    leased = await controller.queue.lease("beta", worker="w1", lease_s=30.0)
+    assert leased is not None
+    assert await controller.queue.ack(leased.id, worker="w1", result={"ok": True})
+
+    beta = (await hub.tick())["pools"]["beta"]
+
+    assert (beta["queued"], beta["running"], beta["succeeded"], beta["failed"]) == (1, 0, 1, 0)
