@@ -122,6 +122,7 @@ class StreamHub:
         self._clock = clock
         self._clients: set[_Client] = set()
         self._changed = asyncio.Event()
+        self._attached = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         # Runs with no page open too (when set up through ``setup``), so history exists.
@@ -188,6 +189,8 @@ class StreamHub:
         client = _Client()
         self._clients.add(client)
         self.start()
+        # An idle hub may be seconds from its next tick; the new page wants one soon.
+        self._attached.set()
         return client, self._hello()
 
     async def detach(self, client: _Client) -> None:
@@ -218,13 +221,17 @@ class StreamHub:
             except Exception as exc:  # the stream must outlive one bad read
                 self._note_error(exc)
             # Registry changes push at once, but never more often than every min_gap_s:
-            # a busy pool changes in-flight counts hundreds of times a second.
+            # a busy pool changes in-flight counts hundreds of times a second. With no page
+            # open, only the idle interval or a new page ends the wait.
             await asyncio.sleep(self.min_gap_s)
-            interval_s = self.interval_s if self._clients else self.idle_interval_s
+            watched = bool(self._clients)
+            interval_s = self.interval_s if watched else self.idle_interval_s
+            wake = self._changed if watched else self._attached
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, interval_s - self.min_gap_s)):
-                    await self._changed.wait()
+                    await wake.wait()
             self._changed.clear()
+            self._attached.clear()
 
     def _note_error(self, exc: Exception) -> None:
         message = f"{type(exc).__name__}: {exc}"

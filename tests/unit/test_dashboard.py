@@ -446,3 +446,35 @@ async def test_hub_counts_finished_tasks_per_pool(controller: Controller) -> Non
     beta = (await hub.tick())["pools"]["beta"]
 
     assert (beta["queued"], beta["running"], beta["succeeded"], beta["failed"]) == (1, 0, 1, 0)
+
+
+async def _until(condition: Any, *, rounds: int = 400) -> bool:
+    """Lets the event loop run until ``condition()`` holds, within a bounded number of rounds."""
+    for _ in range(rounds):
+        if condition():
+            return True
+        await asyncio.sleep(0.005)
+    return bool(condition())
+
+
+async def test_idle_hub_ignores_registry_changes_until_a_page_opens(
+    controller: Controller,
+) -> None:
+    hub = dashboard.StreamHub(controller, interval_s=3600.0, idle_interval_s=3600.0, min_gap_s=0.0)
+    hub.always_on = True
+    hub.start()
+    assert await _until(lambda: hub.ticks == 1)
+
+    add_worker(controller, name="shoal-alpha-1", pool="alpha", port=41001)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert hub.ticks == 1, "no page is open: a registry change alone costs no snapshot"
+
+    client, _hello = await hub.attach()
+    assert await _until(lambda: hub.ticks == 2), "a new page gets a fresh snapshot at once"
+    assert [w["name"] for w in (hub.latest or {})["workers"]] == ["shoal-alpha-1"]
+
+    add_worker(controller, name="shoal-alpha-2", pool="alpha", port=41002)
+    assert await _until(lambda: hub.ticks == 3), "with a page open, changes push at once"
+    await hub.detach(client)
+    await hub.close()
