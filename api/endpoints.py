@@ -137,15 +137,22 @@ class RegistryControlPlane:
 
     @classmethod
     def from_controller(cls, controller: Controller) -> RegistryControlPlane:
+        cache: dict[str, PoolInfo] = {}
+        seen = [-1]
+
         def pools() -> dict[str, PoolInfo]:
-            return {
-                name: PoolInfo(
-                    name=name,
-                    max_replicas=pool.spec.replicas.max,
-                    strategy=pool.spec.balancer.strategy,
-                )
-                for name, pool in controller.store.pools.items()
-            }
+            # Rebuilt only when the store accepted a new policy; this runs once per request.
+            store = controller.store
+            if store.generation != seen[0] or not cache:
+                seen[0] = store.generation
+                cache.clear()
+                for name, pool in store.pools.items():
+                    cache[name] = PoolInfo(
+                        name=name,
+                        max_replicas=pool.spec.replicas.max,
+                        strategy=pool.spec.balancer.strategy,
+                    )
+            return cache
 
         return cls(
             registry=controller.registry,

@@ -120,6 +120,7 @@ class _Exchange:
 
     __slots__ = (
         "after_head",
+        "attempts",
         "backend",
         "body",
         "body_done",
@@ -164,6 +165,7 @@ class _Exchange:
         self.closing = False
         self.deadline = 0.0
         self.tried: set[str] = set()
+        self.attempts = 0  # times the request was written to a worker
         self.task: asyncio.Task[None] | None = None
 
 
@@ -705,17 +707,20 @@ class Proxy:
                 if conns:
                     self._send(exchange, backend, conns.pop())
                     return
-        task = asyncio.get_running_loop().create_task(self._dispatch_slow(exchange))
+        else:
+            backend = None
+        task = asyncio.get_running_loop().create_task(self._dispatch_slow(exchange, backend))
         exchange.task = task
         self._slow.add(task)
         task.add_done_callback(self._slow.discard)
 
-    async def _dispatch_slow(self, exchange: _Exchange) -> None:
+    async def _dispatch_slow(self, exchange: _Exchange, chosen: Backend | None = None) -> None:
         try:
             pool = await self._pool_for(exchange.pool)
             pool.last_request_at = self.now()
             for _ in range(self.config.max_tries):
-                backend = self._choose(pool, exchange.tried)
+                # NB: reuse the fast path's choice, or a rotating strategy would skip a turn.
+                backend, chosen = chosen or self._choose(pool, exchange.tried), None
                 if backend is None:
                     backend = await self._activate(pool, exchange)
                 conns = self.idle.get(backend.worker_id)
@@ -828,6 +833,7 @@ class Proxy:
         exchange.backend = backend
         exchange.upstream = conn
         exchange.tried.add(backend.worker_id)
+        exchange.attempts += 1
         conn.exchange = exchange
         self.busy.add(conn)
         self.load[backend.worker_id] = self.load.get(backend.worker_id, 0) + 1
@@ -884,7 +890,7 @@ class Proxy:
             and backend.worker_id not in self.routable
             and exchange.replayable
             and exchange.body_done
-            and len(exchange.tried) < self.config.max_tries
+            and exchange.attempts < self.config.max_tries
         )
 
     def replay_refused(self, conn: _UpstreamConnection, exchange: _Exchange) -> None:
@@ -933,7 +939,7 @@ class Proxy:
             exchange.client.close()
             return
         safe = exchange.method in _IDEMPOTENT and exchange.replayable and exchange.body_done
-        if safe and len(exchange.tried) < self.config.max_tries:
+        if safe and exchange.attempts < self.config.max_tries:
             self.stats["retries"] += 1
             self._redispatch(exchange)
             return
