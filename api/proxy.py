@@ -68,6 +68,10 @@ _REASONS = {
     504: "Gateway Timeout",
 }
 _REQUEST_ID_OK = frozenset(range(0x21, 0x7F))
+# The fast paths take only what they fully understand; the rest goes through httptools.
+_FAST_METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
+_FAST_REFUSED = frozenset({b"expect"})
+_WS = (b" ", b"\t")
 _HIGH_WATER = 256 * 1024
 
 
@@ -195,6 +199,8 @@ class _UpstreamConnection(asyncio.Protocol):
         self._out_chunked = False
         self._until_close = False
         self._retrying = False
+        self._in_message = False
+        self._pending: list[bytes] = []
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -213,10 +219,79 @@ class _UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         exchange.deadline = self.proxy.now() + self.proxy.config.upstream_timeout_s
+        if not self._in_message and self._fast_response(data, exchange):
+            return
+        client = exchange.client
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            self._flush(client)
             self.proxy.upstream_broken(self, f"bad response from worker: {exc}")
+            return
+        self._flush(client)
+
+    def _flush(self, client: _ClientConnection) -> None:
+        # One write per read: a response's head and body leave in one syscall.
+        if self._pending:
+            client.write(b"".join(self._pending) if len(self._pending) > 1 else self._pending[0])
+            self._pending = []
+
+    def _fast_response(self, data: bytes, exchange: _Exchange) -> bool:
+        """Relays ``data`` when it is exactly one plain response with a Content-Length.
+
+        The same strict subset as the request side; interim, bodiless, chunked and
+        partial responses go through httptools.
+        """
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or exchange.method == "HEAD":
+            return False
+        head = data[:end]
+        lines = head.split(b"\r\n")
+        status_line = lines[0]
+        code = status_line[9:12]
+        if (
+            head.count(b"\n") != len(lines) - 1
+            or status_line[:9] != b"HTTP/1.1 "
+            or not code.isdigit()
+            or code[:1] == b"1"
+            or code in (b"204", b"304")
+        ):
+            return False
+        length = -1
+        keep_alive = True
+        kept: list[bytes] = []
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not name or name[:1] in _WS or name[-1:] in _WS:
+                return False
+            lname = name.lower()
+            if lname in _HOP_BY_HOP:
+                if lname == b"content-length":
+                    value = value.strip(b" \t")
+                    if length >= 0 or not value.isdigit():
+                        return False
+                    length = int(value)
+                elif lname == b"connection":
+                    keep_alive = b"close" not in value.lower()
+                elif lname == b"transfer-encoding" or lname == b"upgrade":
+                    return False
+                continue
+            kept.append(line)
+        if length < 0 or len(data) - end - 4 != length:
+            return False
+        if code == b"503" and self.proxy.may_replay_refusal(exchange):
+            self.proxy.replay_refused(self, exchange)
+            return True
+        exchange.responded = True
+        kept.append(b"Content-Length: %d" % length)
+        if not exchange.keep_alive:
+            kept.append(b"Connection: close")
+        exchange.client.write(
+            b"HTTP/1.1 %b\r\nX-Request-Id: %b\r\n%b\r\n\r\n%b"
+            % (status_line[9:], exchange.request_id.encode(), b"\r\n".join(kept), data[end + 4 :])
+        )
+        self.proxy.finish(self, reuse=keep_alive and not self.closed)
+        return True
 
     def eof_received(self) -> bool | None:
         return False
@@ -245,6 +320,7 @@ class _UpstreamConnection(asyncio.Protocol):
     # -- httptools callbacks -------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._in_message = True
         self._headers = []
         self._framing = b""
         self._reason = b""
@@ -271,7 +347,7 @@ class _UpstreamConnection(asyncio.Protocol):
         if 100 <= status < 200:
             self._interim = True
             if status != 101:
-                exchange.client.write(
+                self._pending.append(
                     b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, self._reason, b"".join(self._headers))
                 )
             return
@@ -305,11 +381,12 @@ class _UpstreamConnection(asyncio.Protocol):
             self._out_chunked = False
         if not exchange.keep_alive:
             head.append(b"Connection: close\r\n")
-        exchange.client.write(
+        self._pending.append(
             b"HTTP/1.1 %d %b\r\nX-Request-Id: %b\r\n%b\r\n"
             % (status, self._reason, exchange.request_id.encode(), b"".join(head))
         )
         if exchange.method == "HEAD":
+            self._flush(exchange.client)
             # httptools cannot be told a response has no body; never reuse this connection.
             self.proxy.finish(self, reuse=False)
 
@@ -317,12 +394,10 @@ class _UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is None or self._retrying:
             return
-        if self._out_chunked:
-            exchange.client.write(_chunk(body))
-        else:
-            exchange.client.write(body)
+        self._pending.append(_chunk(body) if self._out_chunked else body)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         if self._interim:
             self._interim = False
             return
@@ -334,7 +409,8 @@ class _UpstreamConnection(asyncio.Protocol):
             self.proxy.replay_refused(self, exchange)
             return
         if self._out_chunked:
-            exchange.client.write(b"0\r\n\r\n")
+            self._pending.append(b"0\r\n\r\n")
+        self._flush(exchange.client)
         self.proxy.finish(
             self,
             reuse=not self._until_close and not self.closed and self.parser.should_keep_alive(),
@@ -372,6 +448,7 @@ class _ClientConnection(asyncio.Protocol):
         self._forwarded_for = b""
         self._request_id = b""
         self._framing = b""
+        self._in_message = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -386,6 +463,8 @@ class _ClientConnection(asyncio.Protocol):
         self.proxy.clients.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if not self._in_message and not self.queue and self._fast_request(data):
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -415,6 +494,7 @@ class _ClientConnection(asyncio.Protocol):
     # -- httptools callbacks -------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._in_message = True
         self._url = b""
         self._headers = []
         self._host = b""
@@ -448,9 +528,18 @@ class _ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
-        exchange = _Exchange(self, parser.get_method().decode("latin-1"))
-        exchange.keep_alive = parser.should_keep_alive()
-        exchange.http10 = parser.get_http_version() == "1.0"
+        self._open(
+            parser.get_method(),
+            keep_alive=parser.should_keep_alive(),
+            http10=parser.get_http_version() == "1.0",
+            body=None,
+        )
+
+    def _open(self, method: bytes, *, keep_alive: bool, http10: bool, body: bytes | None) -> None:
+        """Turns the parsed head into an exchange; ``body`` is the whole body when known."""
+        exchange = _Exchange(self, method.decode("latin-1"))
+        exchange.keep_alive = keep_alive
+        exchange.http10 = http10
         exchange.chunked = self._framing == b"transfer-encoding"
         exchange.request_id = self.proxy.request_id(self._request_id)
         pool, path = route_of(self._url, self._pool_header)
@@ -469,18 +558,96 @@ class _ClientConnection(asyncio.Protocol):
         if exchange.chunked:
             extra.append(b"Transfer-Encoding: chunked\r\n")
         exchange.head = b"%b %b HTTP/1.1\r\n%b%b\r\n" % (
-            parser.get_method(),
+            method,
             path,
             b"".join(self._headers),
             b"".join(extra),
         )
-        self._parsing = exchange
+        if body is not None:
+            if body:
+                exchange.body.append(body)
+                exchange.body_size = len(body)
+                exchange.replayable = len(body) <= self.proxy.config.replay_limit_bytes
+            exchange.body_done = True
+        else:
+            self._parsing = exchange
         self.queue.append(exchange)
         if len(self.queue) == 1:
             self.proxy.dispatch(exchange)
         else:
             # A pipelined request waits for the one before it; stop reading meanwhile.
             self.pause_reading()
+
+    def _fast_request(self, data: bytes) -> bool:
+        """Handles ``data`` when it is exactly one plain HTTP/1.1 request; else returns False.
+
+        Most requests arrive whole in one read. This strict subset (origin-form target,
+        no folding, no Transfer-Encoding, Expect or Upgrade, an exact Content-Length)
+        skips httptools' per-header callbacks; anything else goes to httptools whole.
+        """
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head = data[:end]
+        lines = head.split(b"\r\n")
+        if head.count(b"\n") != len(lines) - 1 or b"\x00" in head:
+            return False
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in _FAST_METHODS:
+            return False
+        target = parts[1]
+        if target[:1] != b"/":
+            return False
+        headers: list[bytes] = []
+        host = b""
+        pool_header: bytes | None = None
+        forwarded_for = b""
+        request_id = b""
+        length = -1
+        keep_alive = True
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not name or name[:1] in _WS or name[-1:] in _WS:
+                return False
+            lname = name.lower()
+            value = value.strip(b" \t")
+            if lname in _HOP_BY_HOP or lname in _FAST_REFUSED:
+                if lname == b"content-length":
+                    if length >= 0 or not value.isdigit():
+                        return False
+                    length = int(value)
+                    headers.append(b"Content-Length: %b\r\n" % value)
+                elif lname == b"connection":
+                    tokens = value.lower()
+                    if b"upgrade" in tokens:
+                        return False
+                    keep_alive = b"close" not in tokens
+                elif lname in _FAST_REFUSED or lname in (b"transfer-encoding", b"upgrade"):
+                    return False
+                continue
+            if lname in _REQUEST_OWN:
+                if lname == b"x-forwarded-for":
+                    forwarded_for = value
+                elif lname == b"x-request-id":
+                    request_id = value
+                continue
+            if lname == b"host":
+                host = value
+            elif lname == POOL_HEADER_B:
+                pool_header = value
+            headers.append(line + b"\r\n")
+        body = data[end + 4 :]
+        if len(body) != max(length, 0):
+            return False
+        self._url = target
+        self._headers = headers
+        self._host = host
+        self._pool_header = pool_header
+        self._forwarded_for = forwarded_for
+        self._request_id = request_id
+        self._framing = b"content-length" if length >= 0 else b""
+        self._open(parts[0], keep_alive=keep_alive, http10=False, body=body)
+        return True
 
     def on_body(self, body: bytes) -> None:
         exchange = self._parsing
@@ -505,6 +672,7 @@ class _ClientConnection(asyncio.Protocol):
                 self.pause_reading()
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         exchange = self._parsing
         self._parsing = None
         if exchange is None:
