@@ -704,3 +704,60 @@ async def test_start_in_process_follows_the_controllers_registry(controller: Con
         await handle.close()
         with contextlib.suppress(Exception):
             await worker.stop()
+
+
+async def _raw(url: str, request: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    data = await asyncio.wait_for(reader.read(), timeout=5)
+    writer.close()
+    return data
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nHost: x\r\n folded: value\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nHost : x\r\n\r\n",
+    ],
+    ids=["two-lengths", "length-and-chunked", "folded-header", "space-before-colon"],
+)
+async def test_ambiguous_requests_are_refused_not_forwarded(
+    make_harness: HarnessFactory,
+    workers: Callable[[str], Awaitable[Worker]],
+    request_bytes: bytes,
+) -> None:
+    """Shapes used for request smuggling never reach a worker."""
+    h = await make_harness()
+    worker = await workers("a")
+    h.add(worker)
+    data = await _raw(h.url, request_bytes)
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert worker.hits == []
+
+
+async def test_a_client_asking_to_close_gets_its_answer_and_a_close(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
+) -> None:
+    h = await make_harness()
+    h.add(await workers("a"))
+    data = await _raw(h.url, b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head = data.split(b"\r\n\r\n", 1)[0]
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"Connection: close" in head
+
+
+async def test_a_pool_with_traffic_keeps_asking_for_capacity(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
+) -> None:
+    """Balancer traffic is invisible to the queue-based autoscaler; demand keeps it above zero."""
+    h = await make_harness(demand_interval_s=0.02)
+    h.add(await workers("a"))
+    async with h.session.get(f"{h.url}/echo") as response:
+        assert response.status == 200
+    await _until(lambda: "default" in h.asked)
+    assert "batch" not in h.asked
