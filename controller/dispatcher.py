@@ -35,6 +35,7 @@ from typing import Any
 import aiohttp
 
 from controller import logfields
+from controller.aio import wait_event
 from controller.errors import QueueUnavailable
 from controller.policy import WorkerPool
 from controller.queues.base import RetryPolicy, Task, TaskQueue
@@ -134,8 +135,7 @@ class Dispatcher:
             except QueueUnavailable as exc:
                 logger.warning("queue unavailable, dispatch retries in %.1fs: %s", 1.0, exc)
                 await asyncio.sleep(1.0)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=self.idle_poll_s)
+            await wait_event(self._wakeup, timeout_s=self.idle_poll_s)
 
     async def dispatch_once(self) -> int:
         """Leases as many tasks as there are free slots on routable workers; returns how many."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller import logfields
+from controller.aio import wait_event
 from controller.autoscaler import Decision, History, PoolMetrics, decide
 from controller.errors import QueueUnavailable, TransientError
 from controller.plan import Action, PlanInput, plan
@@ -52,6 +53,7 @@ _MAX_EVENTS = 1000
 # this window back off exponentially, up to the cap.
 _CRASH_WINDOW_S = 120.0
 _BACKOFF_CAP_S = 60.0
+_YOUNG_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,9 @@ class Reconciler:
         self._wakeup = asyncio.Event()
         self._relist_wanted = asyncio.Event()
         self._stopping: dict[WorkerId, asyncio.Task[None]] = {}
+        # Workers this controller stopped, kept a while so a relist that raced
+        # with the stop does not mistake them for crashes.
+        self._stopped: dict[WorkerId, float] = {}
         self._spawning: set[asyncio.Task[None]] = set()
         self._spawn_started: dict[WorkerId, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -200,6 +205,10 @@ class Reconciler:
             seen.add(worker.worker_id)
             if worker.name in pending or worker.worker_id in self._stopping:
                 continue
+            if worker.worker_id in self._stopped:
+                # NB: the list may predate our own stop: an exited container we
+                # stopped is not a crash.
+                continue
             known = self._registry.get(worker.worker_id)
             if worker.engine_state == "running":
                 if known is None:
@@ -255,7 +264,12 @@ class Reconciler:
     def _note_crash(self, worker: ObservedWorker, known: WorkerRecord | None) -> None:
         state = self.pools.setdefault(worker.pool, PoolRuntimeState())
         now = self._clock()
-        state.crashes.append(now)
+        # Only a worker we saw die young (never ready, or within _YOUNG_S of it)
+        # points at a crash loop; one killed after doing work is just replaced,
+        # and leftovers found exited at start say nothing about the template.
+        lived_s = self._wall_clock() - known.ready_at if known and known.ready_at else 0.0
+        if known is not None and (known.ready_at is None or lived_s < _YOUNG_S):
+            state.crashes.append(now)
         while state.crashes and now - state.crashes[0] > _CRASH_WINDOW_S:
             state.crashes.popleft()
         if len(state.crashes) > 1:
@@ -298,8 +312,7 @@ class Reconciler:
                 # NB: the loop must outlive a bad pass; the traceback is the news here.
                 logger.exception("reconcile pass failed unexpectedly")
                 await asyncio.sleep(1.0)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=self._next_wait_s())
+            await wait_event(self._wakeup, timeout_s=self._next_wait_s())
 
     def _next_wait_s(self) -> float:
         now = self._clock()
@@ -563,6 +576,10 @@ class Reconciler:
             logger.warning("stop of worker %s failed, will retry: %s", name, exc)
         finally:
             self._stopping.pop(worker_id, None)
+            now = self._clock()
+            self._stopped[worker_id] = now
+            for stale in [w for w, t in self._stopped.items() if now - t > 300.0]:
+                del self._stopped[stale]
             self.wake()
 
     async def stop_all(self, *, grace_s: float) -> int:

@@ -1,0 +1,20 @@
+"""Small asyncio helpers shared by the controller's loops."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+async def wait_event(event: asyncio.Event, *, timeout_s: float) -> bool:
+    """Waits for ``event`` up to ``timeout_s``; True if it was set.
+
+    NB: ``asyncio.wait_for`` on Python 3.11 can swallow a cancellation that
+    arrives while the inner wait completes (CPython gh-86296), which leaves a
+    loop that was asked to stop running forever. ``asyncio.timeout`` does not.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
