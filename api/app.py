@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from api import dashboard
 from api.keys import CONTROLLER, MAX_BODY_BYTES
 from api.routes import errors_middleware, routes
 from controller.manager import Controller
@@ -28,6 +29,7 @@ def make_app(
     app[CONTROLLER] = controller
     app[MAX_BODY_BYTES] = max_body_bytes
     app.add_routes(routes)
+    dashboard.setup(app)
     if manage_controller:
 
         async def lifecycle(app: web.Application) -> AsyncIterator[None]:
