@@ -119,3 +119,120 @@ async def running_shoal(
             )
     finally:
         await server.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ShoalProcess:
+    """``shoal up`` as a child process, for tests that kill or restart the controller.
+
+    It always runs under the test's own ``--instance`` label, on a free loopback
+    port, with its state in a folder of the test's.
+    """
+
+    def __init__(
+        self,
+        *,
+        manifests: Path,
+        state_dir: Path,
+        instance: str,
+        queue: str = "sqlite://",
+        port: int | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.manifests = manifests
+        self.state_dir = state_dir
+        self.instance = instance
+        self.queue = queue
+        self.port = port or free_port()
+        self.extra_args = extra_args
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = state_dir / f"shoal-{self.port}.log"
+        self.process: Any = None
+
+    def start(self, *, timeout_s: float = 30.0) -> ShoalProcess:
+        import subprocess
+        import sys
+        import urllib.request
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "controller.cli",
+                "up",
+                "--runtime",
+                "docker",
+                "--manifests",
+                str(self.manifests),
+                "--state-dir",
+                str(self.state_dir),
+                "--queue",
+                self.queue,
+                "--port",
+                str(self.port),
+                "--instance",
+                self.instance,
+                *self.extra_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"shoal exited at start: {self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"shoal did not answer within {timeout_s}s: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up at all, as in a crash."""
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def terminate(self, *, timeout_s: float = 60.0) -> int:
+        self.process.terminate()
+        return int(self.process.wait(timeout=timeout_s))
+
+    def __enter__(self) -> ShoalProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.terminate()
+
+
+def http_json(
+    method: str, url: str, body: Any = None, *, timeout_s: float = 10.0
+) -> tuple[int, Any]:
+    """A blocking JSON request for subprocess tests (stdlib only)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        return exc.code, json.loads(raw) if raw else None
