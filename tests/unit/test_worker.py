@@ -253,7 +253,8 @@ def test_worker_answers_404_for_unknown_routes(start_worker):
 
 def test_worker_sigterm_finishes_the_task_in_flight_then_exits_0(start_worker):
     worker = start_worker()
-    thread, out = _in_background(lambda: worker.post_task({"id": "inflight", "work_seconds": 1}))
+    # The task outlasts the checks below by far; once it ends, the worker is gone.
+    thread, out = _in_background(lambda: worker.post_task({"id": "inflight", "work_seconds": 3}))
     worker.wait_until(lambda m: m["active"] == 1)
 
     worker.proc.send_signal(signal.SIGTERM)
