@@ -157,13 +157,28 @@ class ShoalProcess:
         self.process: Any = None
 
     def start(self, *, timeout_s: float = 30.0) -> ShoalProcess:
-        import subprocess
-        import sys
         import urllib.request
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
+        with self.log_path.open("ab") as log:
+            self.process = self._spawn(log)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"shoal exited at start: {self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"shoal did not answer within {timeout_s}s: {self.log()}")
+
+    def _spawn(self, log: Any) -> Any:
+        import subprocess
+        import sys
+
+        return subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -186,17 +201,6 @@ class ShoalProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"shoal exited at start: {self.log()}")
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError(f"shoal did not answer within {timeout_s}s: {self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
