@@ -19,6 +19,12 @@ Outcomes map onto the queue contract:
 It is woken at once by an enqueue (``wake``) and by registry changes (a worker
 became ready, a slot freed), and otherwise polls at ``idle_poll_s`` for tasks
 coming out of retry back-off and for enqueues made by other processes.
+
+Each delivery is traced in the task's own trace (see ``controller.telemetry``): a
+``queue wait`` span on the first attempt, a client ``dispatch`` span whose
+``traceparent`` goes to the worker, and a ``worker`` span made here from the
+timing the worker reports. Succeeded tasks feed the queue-wait and run-time
+histograms in ``timings``.
 """
 
 from __future__ import annotations
@@ -29,12 +35,15 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import aiohttp
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from controller import logfields
+from controller import logfields, telemetry
 from controller.aio import wait_event
 from controller.errors import QueueUnavailable
 from controller.policy import WorkerPool
@@ -73,6 +82,14 @@ class Outcome:
     detail: str = ""
 
 
+@dataclass
+class TaskTimings:
+    """Histograms of succeeded tasks by pool, read by the metrics endpoints."""
+
+    queue_wait: telemetry.DurationHistogram = field(default_factory=telemetry.DurationHistogram)
+    run_time: telemetry.DurationHistogram = field(default_factory=telemetry.DurationHistogram)
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -97,6 +114,7 @@ class Dispatcher:
         self._deliveries: set[asyncio.Task[None]] = set()
         # Workers that answered 429 are skipped until this monotonic time.
         self._full_until: dict[str, float] = {}
+        self.timings = TaskTimings()
         registry.subscribe(lambda _event: self._wakeup.set())
 
     def wake(self) -> None:
@@ -167,12 +185,42 @@ class Dispatcher:
         return pick_least_connections(workers)
 
     async def _deliver(self, task: Task, worker: WorkerRecord, pool: WorkerPool) -> None:
+        """One delivery attempt, traced as a client span in the task's trace."""
+        parent = telemetry.extract(task.traceparent)
+        if task.attempts == 1 and task.started_at is not None:
+            telemetry.record_span(
+                "queue wait",
+                parent=parent,
+                start_s=task.created_at,
+                end_s=task.started_at,
+                attributes={"shoal.task.id": task.id, "shoal.pool": task.pool},
+            )
+        with telemetry.tracer.start_as_current_span(
+            "dispatch",
+            context=parent,
+            kind=SpanKind.CLIENT,
+            attributes={
+                "shoal.task.id": task.id,
+                "shoal.pool": task.pool,
+                "shoal.task.attempt": task.attempts,
+                "shoal.worker.name": worker.name,
+                "server.address": worker.host,
+                "server.port": worker.host_port or 0,
+                "http.request.method": "POST",
+            },
+        ) as span:
+            await self._attempt(task, worker, pool, span)
+
+    async def _attempt(
+        self, task: Task, worker: WorkerRecord, pool: WorkerPool, span: Span
+    ) -> None:
         started = self._clock()
         lease_s = pool.spec.delivery.lease_timeout
         keeper = asyncio.get_running_loop().create_task(self._keep_lease(task, worker, lease_s))
         processed = failed = False
         try:
-            kind, detail = await self._post(task, worker)
+            traceparent = telemetry.traceparent_of(span) or task.traceparent
+            kind, detail = await self._post(task, worker, traceparent=traceparent)
         except asyncio.CancelledError:
             # Shutdown: hand the task back now rather than when its lease expires.
             # The worker may still finish it, so it may run twice (at-least-once).
@@ -205,6 +253,11 @@ class Dispatcher:
             duration_s=self._clock() - started,
             detail=detail if isinstance(detail, str) else "",
         )
+        span.set_attribute("shoal.outcome", kind)
+        if kind == "succeeded":
+            self._observe_success(task, worker, span, reply=detail, wall_s=outcome.duration_s)
+        else:
+            span.set_status(Status(StatusCode.ERROR, outcome.detail or kind))
         if self._on_outcome is not None:
             self._on_outcome(outcome)
 
@@ -246,14 +299,54 @@ class Dispatcher:
         )
         return ("failed" if permanent else "retry"), False, True
 
-    async def _post(self, task: Task, worker: WorkerRecord) -> tuple[str, Any]:
+    def _observe_success(
+        self, task: Task, worker: WorkerRecord, span: Span, *, reply: Any, wall_s: float
+    ) -> None:
+        """Feeds the histograms and makes the ``worker`` span from the worker's reported timing.
+
+        NB: the worker exports no spans of its own (it is stdlib-only); this span is made
+        here, as a child of the dispatch span, from ``startedAt``/``finishedAt`` in its reply.
+        """
+        times = _reported_times(reply)
+        reported_s = reply.get("durationS") if isinstance(reply, dict) else None
+        if isinstance(reported_s, int | float) and not isinstance(reported_s, bool):
+            run_s = float(reported_s)
+        else:
+            run_s = times[1] - times[0] if times is not None else wall_s
+        self.timings.run_time.observe(run_s, label=task.pool)
+        if task.started_at is not None:
+            self.timings.queue_wait.observe(task.started_at - task.created_at, label=task.pool)
+        if times is None:
+            return
+        echo = _echoed_traceparent(reply)
+        context = span.get_span_context()
+        sent = (trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id))
+        telemetry.record_span(
+            "worker",
+            parent=trace.set_span_in_context(span),
+            start_s=times[0],
+            end_s=times[1],
+            kind=SpanKind.SERVER,
+            attributes={
+                "shoal.task.id": task.id,
+                "shoal.worker.name": worker.name,
+                "shoal.span.source": "timing reported by the worker",
+                "shoal.worker.traceparent": echo or "",
+                "shoal.worker.propagated": telemetry.span_ids(echo) == sent,
+            },
+        )
+
+    async def _post(
+        self, task: Task, worker: WorkerRecord, *, traceparent: str | None
+    ) -> tuple[str, Any]:
         url = f"http://{worker.host}:{worker.host_port}/process-task"
         body: dict[str, Any] = {"id": task.id, "payload": task.payload}
         if task.work_seconds is not None:
             body["work_seconds"] = task.work_seconds
-        headers = {"traceparent": task.traceparent} if task.traceparent else {}
+        headers = {"traceparent": traceparent} if traceparent else {}
         try:
             async with self._session.post(url, json=body, headers=headers) as response:
+                trace.get_current_span().set_attribute("http.response.status_code", response.status)
                 if response.status == 200:
                     return "succeeded", await response.json()
                 text = (await response.text())[:500]
@@ -277,6 +370,24 @@ class Dispatcher:
                     return
             except QueueUnavailable as exc:
                 logger.warning("could not extend the lease of task %s: %s", task.id, exc)
+
+
+def _reported_times(reply: Any) -> tuple[float, float] | None:
+    """The worker's (startedAt, finishedAt) as unix seconds, when it reported both."""
+    if not isinstance(reply, dict):
+        return None
+    try:
+        started = datetime.fromisoformat(str(reply["startedAt"])).timestamp()
+        finished = datetime.fromisoformat(str(reply["finishedAt"])).timestamp()
+    except (KeyError, ValueError):
+        return None
+    return started, finished
+
+
+def _echoed_traceparent(reply: Any) -> str | None:
+    result = reply.get("result") if isinstance(reply, dict) else None
+    echo = result.get("traceparent") if isinstance(result, dict) else None
+    return echo if isinstance(echo, str) else None
 
 
 def _error_text(text: str) -> str:
