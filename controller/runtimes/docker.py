@@ -131,8 +131,10 @@ class _EventWatcher:
         *,
         loop: asyncio.AbstractEventLoop,
         queue: asyncio.Queue[RuntimeEvent | None],
+        since: str,
     ) -> None:
         self._runtime = runtime
+        self._since = since
         self._loop = loop
         self._queue = queue
         self._stopping = threading.Event()
@@ -162,7 +164,7 @@ class _EventWatcher:
             self._stopping.set()
 
     def _run(self) -> None:
-        since: str | None = None
+        since = self._since
         backoff_s = 0.2
         try:
             while not self._stopping.is_set():
@@ -184,13 +186,9 @@ class _EventWatcher:
         finally:
             self._hand_over(None)
 
-    def _follow(self, since: str | None) -> str | None:
+    def _follow(self, since: str) -> str:
         """Follows one connection to its end; returns where the next one should resume."""
         client = self._runtime._client_sync()
-        if since is None:
-            # Resume points start at the first connection, so even a drop before the first
-            # event replays what happened in the gap.
-            since = f"{time.time():.9f}"
         stream = client.events(
             decode=True,
             since=since,
@@ -273,13 +271,17 @@ class DockerRuntime:
     async def events(self) -> AsyncIterator[RuntimeEvent]:
         """Yields container changes until ``close()``; reconnects to the engine on its own.
 
-        After a reconnect the engine replays what happened since the last event seen, so a
-        short outage loses no hint (and a duplicate hint is harmless: receivers re-list).
+        The stream covers everything from the moment it is first awaited. After a reconnect
+        the engine replays what happened since the last event seen, so a short outage loses
+        no hint (and a duplicate hint is harmless: receivers re-list).
         """
         if self._closing.is_set():
             return
         queue: asyncio.Queue[RuntimeEvent | None] = asyncio.Queue()
-        watcher = _EventWatcher(self, loop=asyncio.get_running_loop(), queue=queue)
+        # The engine replays from this instant, however long the thread takes to connect; a
+        # second earlier absorbs clock skew with a remote engine (a repeated hint is harmless).
+        since = f"{time.time() - 1.0:.9f}"
+        watcher = _EventWatcher(self, loop=asyncio.get_running_loop(), queue=queue, since=since)
         self._watchers.add(watcher)
         watcher.start()
         try:

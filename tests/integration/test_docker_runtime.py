@@ -317,8 +317,8 @@ async def test_docker_runtime_events_follow_a_worker_and_end_on_close(
             seen.append(event)
 
     collector = asyncio.create_task(collect())
-    # The stream only sees what happens after it connected; give it a moment to do so.
-    await asyncio.sleep(0.5)
+    # The stream covers what happens once it is first awaited: let the collector begin.
+    await asyncio.sleep(0)
     stranger = docker_client.containers.create(
         worker_image, labels={LABEL_INSTANCE: instance_label}
     )
