@@ -197,8 +197,8 @@ async def test_process_runtime_passes_the_worker_contract_env(tmp_path: Path):
     """A bad MODE in spec.env reaches the worker, which refuses it: proof the env is passed."""
     rt = ProcessRuntime(instance="unit-proc")
     try:
-        with pytest.raises(StartFailed, match=r"code 2: .*push mode"):
-            await rt.start(_spec(env={"MODE": "pull"}))
+        with pytest.raises(StartFailed, match=r"code 2: .*not supported"):
+            await rt.start(_spec(env={"MODE": "carrier-pigeon"}))
     finally:
         await rt.close()
 

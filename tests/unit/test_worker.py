@@ -285,7 +285,7 @@ def test_worker_sigint_drains_like_sigterm(start_worker):
 @pytest.mark.parametrize(
     ("env", "fragment"),
     [
-        pytest.param({"MODE": "pull"}, "push mode", id="pull-mode"),
+        pytest.param({"MODE": "carrier-pigeon"}, "not supported", id="unknown-mode"),
         pytest.param({"CONCURRENCY": "0"}, "CONCURRENCY", id="zero-concurrency"),
         pytest.param({"WORK_SECONDS": "soon"}, "WORK_SECONDS", id="bad-work-seconds"),
         pytest.param({"PORT": "http"}, "PORT", id="bad-port"),
