@@ -8,7 +8,8 @@ takes work. It knows nothing about the controller: Shoal finds it through Docker
 
 Stdlib only, so the image needs nothing but a Python 3.11+ interpreter. Configured by
 environment: ``PORT``, ``HOST``, ``CONCURRENCY``, ``WORK_SECONDS``, ``SHOAL_WORKER_ID``,
-``MODE`` (only ``push`` for now) and ``LOG_REQUESTS``.
+``MODE`` and ``LOG_REQUESTS``. ``MODE=pull`` turns it around: the worker takes tasks from
+``SHOAL_URL`` itself and serves nothing (see the pull mode section at the end).
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import signal
 import socket
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -58,8 +63,8 @@ class Config:
     @classmethod
     def from_env(cls, env: dict[str, str] | os._Environ[str]) -> Config:
         mode = env.get("MODE", "push")
-        if mode != "push":
-            raise ConfigError(f"MODE={mode!r} is not supported; this worker only runs in push mode")
+        if mode not in ("push", "pull"):
+            raise ConfigError(f"MODE={mode!r} is not supported; use push mode or pull mode")
         port = _env_int(env, "PORT", 8080)
         if not 0 <= port <= 65535:
             raise ConfigError(f"PORT={port} is out of range")
@@ -391,6 +396,291 @@ def serve(config: Config) -> int:
     return 0
 
 
+# --- pull mode --------------------------------------------------------------------------
+# MODE=pull: the worker asks Shoal for work instead of waiting to be sent it. Each of
+# CONCURRENCY loops runs POST {SHOAL_URL}/dequeue-task -> run -> POST /tasks/{id}/result,
+# and while a task runs it POSTs /tasks/{id}/heartbeat every third of the lease, so a task
+# longer than the pool's leaseTimeout stays with this live worker. A 204 (nothing to do) or
+# an unreachable Shoal backs off exponentially with jitter. SIGTERM or SIGINT stops taking
+# tasks; each loop finishes and reports the task it holds, then the process exits 0. A
+# result that cannot be delivered is given up after a few tries: the lease then expires
+# and Shoal runs the task again (at-least-once), so the worker never blocks forever.
+
+# How many times a result is offered before the worker gives up on it.
+REPORT_ATTEMPTS = 5
+
+
+class ShoalUnreachable(Exception):
+    """No HTTP answer from ``SHOAL_URL`` (refused, reset, timed out)."""
+
+
+@dataclass(frozen=True)
+class PullConfig:
+    shoal_url: str
+    pool: str
+    worker_id: str
+    concurrency: int
+    work_seconds: float
+    lease_s: float | None  # asked of Shoal per lease; None takes the pool's leaseTimeout
+    idle_initial_s: float
+    idle_max_s: float
+    request_timeout_s: float
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | os._Environ[str]) -> PullConfig:
+        base = Config.from_env(env)
+        url = env.get("SHOAL_URL", "").strip().rstrip("/")
+        if not url:
+            raise ConfigError(
+                "MODE=pull needs SHOAL_URL, the Shoal API to take tasks from "
+                "(or leave MODE unset to run in push mode)"
+            )
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"SHOAL_URL={url!r} must be an http(s) URL with a host")
+        lease_s = _env_float(env, "LEASE_SECONDS", 0.0)
+        idle_initial_s = _env_float(env, "PULL_IDLE_SECONDS", 0.2)
+        idle_max_s = _env_float(env, "PULL_IDLE_MAX_SECONDS", 2.0)
+        if lease_s < 0 or idle_initial_s <= 0 or idle_max_s < idle_initial_s:
+            raise ConfigError(
+                "LEASE_SECONDS must not be negative; PULL_IDLE_SECONDS must be positive "
+                "and at most PULL_IDLE_MAX_SECONDS"
+            )
+        return cls(
+            shoal_url=url,
+            pool=env.get("SHOAL_POOL") or "default",
+            worker_id=base.worker_id,
+            concurrency=base.concurrency,
+            work_seconds=base.work_seconds,
+            lease_s=lease_s or None,
+            idle_initial_s=idle_initial_s,
+            idle_max_s=idle_max_s,
+            request_timeout_s=_env_float(env, "PULL_REQUEST_TIMEOUT_SECONDS", 10.0),
+        )
+
+
+def next_idle_s(previous_s: float, *, initial_s: float, max_s: float) -> float:
+    """The wait after an empty or failed dequeue: doubles from ``initial_s`` up to ``max_s``."""
+    if previous_s <= 0:
+        return initial_s
+    return min(max_s, previous_s * 2)
+
+
+class ShoalClient:
+    """The few JSON calls a pull worker makes; stdlib only, and never through a proxy."""
+
+    def __init__(self, config: PullConfig) -> None:
+        self._config = config
+        # NB: an empty ProxyHandler, so http_proxy in the environment never reroutes the calls.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        request = urllib.request.Request(
+            self._config.shoal_url + path,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with self._opener.open(request, timeout=self._config.request_timeout_s) as response:
+                return response.status, _json_or_none(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, _json_or_none(exc.read())
+        except (urllib.error.URLError, OSError) as exc:
+            raise ShoalUnreachable(f"{self._config.shoal_url}{path}: {exc}") from exc
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
+
+
+class PullWorker:
+    """The pull loops of one worker process; ``stop`` ends them between tasks."""
+
+    def __init__(self, config: PullConfig, *, client: ShoalClient | None = None) -> None:
+        self.config = config
+        self.client = client or ShoalClient(config)
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self.processed = 0
+        self.failed = 0
+
+    def run_loop(self) -> None:
+        idle_s = 0.0
+        while not self.stop.is_set():
+            try:
+                task = self._dequeue()
+            except ShoalUnreachable as exc:
+                idle_s = self._idle(idle_s)
+                logger.warning("cannot reach Shoal, retrying in %.2fs: %s", idle_s, exc)
+                self.stop.wait(idle_s * (0.5 + random.random() / 2))
+                continue
+            if task is None:
+                idle_s = self._idle(idle_s)
+                self.stop.wait(idle_s * (0.5 + random.random() / 2))
+                continue
+            idle_s = 0.0
+            # NB: a task leased while stop was being set is still run and reported.
+            self.run_task(task)
+
+    def _idle(self, previous_s: float) -> float:
+        return next_idle_s(
+            previous_s, initial_s=self.config.idle_initial_s, max_s=self.config.idle_max_s
+        )
+
+    def _dequeue(self) -> dict[str, Any] | None:
+        body: dict[str, Any] = {"pool": self.config.pool, "worker": self.config.worker_id}
+        if self.config.lease_s is not None:
+            body["lease_s"] = self.config.lease_s
+        status, doc = self.client.post("/dequeue-task", body)
+        if status == 200 and isinstance(doc, dict) and isinstance(doc.get("id"), str):
+            return doc
+        if status != 204:
+            # A refusal (unknown pool, bad body) will not heal by itself, but the worker
+            # stays up so that a fixed manifest is picked up; the back-off keeps it quiet.
+            error = doc.get("error") if isinstance(doc, dict) else doc
+            logger.warning("dequeue answered %d: %s", status, error)
+        return None
+
+    def run_task(self, doc: dict[str, Any]) -> None:
+        """Runs one leased task with heartbeats, then reports its outcome."""
+        task_id = str(doc["id"])
+        finished_running = threading.Event()
+        beat = threading.Thread(
+            target=self._heartbeat,
+            args=(task_id, self._heartbeat_every_s(doc), finished_running),
+            name=f"heartbeat-{task_id}",
+            daemon=True,
+        )
+        beat.start()
+        try:
+            report = self._execute(doc)
+        finally:
+            finished_running.set()
+            beat.join()
+        ok = report.get("error") is None
+        with self._lock:
+            if ok:
+                self.processed += 1
+            else:
+                self.failed += 1
+        self._report(task_id, report)
+
+    def _heartbeat_every_s(self, doc: dict[str, Any]) -> float:
+        expires_at = doc.get("leaseExpiresAt")
+        if self.config.lease_s is not None:
+            lease_s = self.config.lease_s
+        elif isinstance(expires_at, int | float):
+            # Shoal's clock and ours are the same host's here; a skew only shifts the beat.
+            lease_s = expires_at - time.time()
+        else:
+            lease_s = 30.0
+        return max(0.1, lease_s / 3)
+
+    def _execute(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """The result body for ``/tasks/{id}/result``: the same shape push mode answers."""
+        raw = json.dumps(
+            {"id": doc["id"], "payload": doc.get("payload"), "work_seconds": doc.get("workSeconds")}
+        ).encode()
+        try:
+            task = parse_task(raw, default_work_s=self.config.work_seconds)
+        except BadRequest as exc:
+            return {"worker": self.config.worker_id, "error": str(exc), "permanent": True}
+        if isinstance(task.payload, dict) and isinstance(task.payload.get("fail"), str):
+            logger.info("task %s failed on request: %s", task.task_id, task.payload["fail"])
+            error = task.payload["fail"]
+            return {"worker": self.config.worker_id, "error": error, "permanent": True}
+        started = time.time()
+        time.sleep(task.work_s)
+        finished = time.time()
+        result = {
+            "id": task.task_id,
+            "worker": self.config.worker_id,
+            "result": {"echo": task.payload},
+            "startedAt": _iso(started),
+            "finishedAt": _iso(finished),
+            "durationS": round(finished - started, 6),
+        }
+        return {"worker": self.config.worker_id, "result": result}
+
+    def _heartbeat(self, task_id: str, every_s: float, finished_running: threading.Event) -> None:
+        body: dict[str, Any] = {"worker": self.config.worker_id}
+        if self.config.lease_s is not None:
+            body["lease_s"] = self.config.lease_s
+        while not finished_running.wait(every_s):
+            try:
+                status, doc = self.client.post(f"/tasks/{task_id}/heartbeat", body)
+            except ShoalUnreachable as exc:
+                logger.warning("heartbeat for task %s failed, trying again: %s", task_id, exc)
+                continue
+            if status == 409 or status == 404:
+                # The lease moved on (it expired, or the task was redriven): Shoal runs the
+                # task elsewhere and will refuse our result; finishing is harmless.
+                error = doc.get("error") if isinstance(doc, dict) else doc
+                logger.warning("lost the lease of task %s: %s", task_id, error)
+                return
+
+    def _report(self, task_id: str, body: dict[str, Any]) -> None:
+        wait_s = 0.0
+        for attempt in range(1, REPORT_ATTEMPTS + 1):
+            try:
+                status, doc = self.client.post(f"/tasks/{task_id}/result", body)
+            except ShoalUnreachable as exc:
+                status, doc = 0, str(exc)
+            if 200 <= status < 300:
+                return
+            if status in (404, 409):
+                error = doc.get("error") if isinstance(doc, dict) else doc
+                logger.warning("result of task %s refused (%d): %s", task_id, status, error)
+                return
+            wait_s = self._idle(wait_s)
+            logger.warning(
+                "result of task %s not delivered (attempt %d of %d, status %s)",
+                task_id,
+                attempt,
+                REPORT_ATTEMPTS,
+                status or "unreachable",
+            )
+            if attempt < REPORT_ATTEMPTS:
+                time.sleep(wait_s)
+        logger.error("gave up reporting task %s; its lease will expire and it runs again", task_id)
+
+
+def serve_pull(config: PullConfig) -> int:
+    """Runs the pull loops until SIGTERM or SIGINT, lets them finish, returns the exit code."""
+    worker = PullWorker(config)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if not worker.stop.is_set():
+            logger.info("got %s: finishing the task(s) in hand", signal.Signals(signum).name)
+        worker.stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    loops = [
+        threading.Thread(target=worker.run_loop, name=f"pull-{n}", daemon=True)
+        for n in range(config.concurrency)
+    ]
+    for loop in loops:
+        loop.start()
+    logger.info(
+        "worker %s pulling from %s pool %s (concurrency %d)",
+        config.worker_id,
+        config.shoal_url,
+        config.pool,
+        config.concurrency,
+    )
+    # Joined with a timeout so that the main thread keeps running the signal handlers.
+    while any(loop.is_alive() for loop in loops):
+        for loop in loops:
+            loop.join(timeout=0.2)
+    logger.info("stopped: %d processed, %d failed; exiting", worker.processed, worker.failed)
+    return 0
+
+
 def main() -> int:
     logging.basicConfig(
         stream=sys.stderr,
@@ -399,9 +689,12 @@ def main() -> int:
     )
     try:
         config = Config.from_env(os.environ)
+        pull_config = PullConfig.from_env(os.environ) if os.environ.get("MODE") == "pull" else None
     except ConfigError as exc:
         logger.error("bad configuration: %s", exc)
         return EXIT_BAD_CONFIG
+    if pull_config is not None:
+        return serve_pull(pull_config)
     return serve(config)
 
 
