@@ -30,7 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller import logfields
+from opentelemetry.trace import Span, Status, StatusCode
+
+from controller import logfields, telemetry
 from controller.aio import wait_event
 from controller.autoscaler import Decision, History, PoolMetrics, decide
 from controller.errors import QueueUnavailable, TransientError
@@ -135,6 +137,7 @@ class Reconciler:
         self._tasks: list[asyncio.Task[None]] = []
         self.passes = 0
         self.last_pass_s = 0.0
+        self.pass_timings = telemetry.DurationHistogram()
         self._last_relist = -math.inf
 
     # -- wiring -------------------------------------------------------------
@@ -331,27 +334,75 @@ class Reconciler:
     async def reconcile(self) -> None:
         """One level-triggered pass over every pool. Safe to call at any time."""
         started = self._clock()
-        if self._relist_wanted.is_set() or started - self._last_relist >= self.relist_interval_s:
-            self._relist_wanted.clear()
-            await self.relist()
+        with telemetry.tracer.start_as_current_span("reconcile") as span:
+            if (
+                self._relist_wanted.is_set()
+                or started - self._last_relist >= self.relist_interval_s
+            ):
+                self._relist_wanted.clear()
+                await self.relist()
 
-        pools = self._store.pools
-        for name, pool in pools.items():
-            try:
-                await self._reconcile_pool(name, pool)
-            except QueueUnavailable as exc:
-                self.pools.setdefault(name, PoolRuntimeState()).last_error = str(exc)
-                logger.warning("pool %s: queue unavailable: %s", name, exc)
+            pools = self._store.pools
+            for name, pool in pools.items():
+                with telemetry.tracer.start_as_current_span(
+                    "reconcile pool", attributes={"shoal.pool": name}
+                ) as pool_span:
+                    before = self._action_marks(name)
+                    try:
+                        await self._reconcile_pool(name, pool)
+                    except QueueUnavailable as exc:
+                        self.pools.setdefault(name, PoolRuntimeState()).last_error = str(exc)
+                        logger.warning("pool %s: queue unavailable: %s", name, exc)
+                        pool_span.record_exception(exc)
+                    self._describe_pool_pass(pool_span, name, before)
 
-        # Workers of pools that were removed from the manifests drain away.
-        for record in self._registry.list():
-            if record.pool not in pools and record.state in ("starting", "ready"):
-                self._drain(record, reason="pool removed from manifests")
-            elif record.pool not in pools and record.state == "draining" and record.in_flight == 0:
-                self._stop_in_background(record.worker_id, name=record.name, grace_s=10.0)
+            # Workers of pools that were removed from the manifests drain away.
+            for record in self._registry.list():
+                if record.pool not in pools and record.state in ("starting", "ready"):
+                    self._drain(record, reason="pool removed from manifests")
+                elif (
+                    record.pool not in pools
+                    and record.state == "draining"
+                    and record.in_flight == 0
+                ):
+                    self._stop_in_background(record.worker_id, name=record.name, grace_s=10.0)
 
-        self.passes += 1
-        self.last_pass_s = self._clock() - started
+            self.passes += 1
+            self.last_pass_s = self._clock() - started
+            self.pass_timings.observe(self.last_pass_s)
+            span.set_attribute("shoal.reconcile.pass", self.passes)
+            span.set_attribute("shoal.reconcile.pools", len(pools))
+
+    def _action_marks(self, name: str) -> tuple[set[str], set[str], set[str]]:
+        """What a pass of ``name`` may add to: spawns pending, workers draining, stops running."""
+        state = self.pools.get(name)
+        return (
+            set(state.pending_spawns) if state is not None else set(),
+            {w.name for w in self._registry.list(name) if w.state == "draining"},
+            set(self._stopping),
+        )
+
+    def _describe_pool_pass(
+        self, span: Span, name: str, before: tuple[set[str], set[str], set[str]]
+    ) -> None:
+        """Puts desired, observed and the actions this pass took on the pool's span."""
+        spawned, drained, stopped = (
+            sorted(after - was) for after, was in zip(self._action_marks(name), before, strict=True)
+        )
+        state = self.pools.get(name)
+        observed = collections.Counter(w.state for w in self._registry.list(name))
+        actions = [f"spawn {n}" for n in spawned] + [f"drain {n}" for n in drained]
+        actions += [f"stop {w[:12]}" for w in stopped]
+        span.set_attributes(
+            {
+                "shoal.desired": state.desired if state and state.desired is not None else -1,
+                "shoal.reason": state.decision.reason if state and state.decision else "",
+                "shoal.observed.ready": observed.get("ready", 0),
+                "shoal.observed.starting": observed.get("starting", 0),
+                "shoal.observed.draining": observed.get("draining", 0),
+                "shoal.actions": actions,
+            }
+        )
 
     async def _reconcile_pool(self, name: str, pool: WorkerPool) -> None:
         state = self.pools.setdefault(name, PoolRuntimeState())
@@ -473,51 +524,64 @@ class Reconciler:
     async def _run_spawn(
         self, state: PoolRuntimeState, spec: WorkerSpec, *, reason: str, started: float
     ) -> None:
-        try:
-            observed = await self._runtime.start(spec)
-        except TransientError as exc:
-            state.spawn_failures += 1
-            delay = min(_BACKOFF_CAP_S, 0.5 * 2 ** (state.spawn_failures - 1))
-            state.backoff_until = self._clock() + delay
-            state.last_error = f"start of {spec.name} failed: {exc}"
-            logger.warning(
-                "start of worker %s failed (attempt %d), next try in %.1fs: %s",
-                spec.name,
-                state.spawn_failures,
-                delay,
-                exc,
-                extra={logfields.POOL: spec.pool, logfields.ATTEMPT: state.spawn_failures},
-            )
-            return
-        finally:
-            state.pending_spawns.pop(spec.name, None)
-            self.wake()
-
-        state.last_error = None
-        self._spawn_started[observed.worker_id] = started
-        self._registry.add(
-            worker_id=observed.worker_id,
-            name=observed.name,
-            pool=spec.pool,
-            template_hash=spec.template_hash,
-            host=observed.host,
-            host_port=observed.host_port,
-            concurrency=spec.concurrency,
-        )
-        logger.info(
-            "started worker %s (%s) on 127.0.0.1:%s: %s",
-            observed.name,
-            observed.short_id,
-            observed.host_port,
-            reason,
-            extra={
-                logfields.POOL: spec.pool,
-                logfields.CONTAINER_ID: observed.short_id,
-                logfields.CONTAINER_NAME: observed.name,
-                logfields.HOST_PORT: observed.host_port,
-                logfields.REASON: reason,
+        with telemetry.tracer.start_as_current_span(
+            "container start",
+            attributes={
+                "shoal.pool": spec.pool,
+                "shoal.worker.name": spec.name,
+                "container.image.name": spec.image,
+                "shoal.reason": reason,
             },
-        )
+        ) as span:
+            try:
+                observed = await self._runtime.start(spec)
+            except TransientError as exc:
+                state.spawn_failures += 1
+                delay = min(_BACKOFF_CAP_S, 0.5 * 2 ** (state.spawn_failures - 1))
+                state.backoff_until = self._clock() + delay
+                state.last_error = f"start of {spec.name} failed: {exc}"
+                logger.warning(
+                    "start of worker %s failed (attempt %d), next try in %.1fs: %s",
+                    spec.name,
+                    state.spawn_failures,
+                    delay,
+                    exc,
+                    extra={logfields.POOL: spec.pool, logfields.ATTEMPT: state.spawn_failures},
+                )
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                return
+            finally:
+                state.pending_spawns.pop(spec.name, None)
+                self.wake()
+
+            state.last_error = None
+            span.set_attribute("container.id", observed.worker_id)
+            span.set_attribute("shoal.host_port", observed.host_port or 0)
+            self._spawn_started[observed.worker_id] = started
+            self._registry.add(
+                worker_id=observed.worker_id,
+                name=observed.name,
+                pool=spec.pool,
+                template_hash=spec.template_hash,
+                host=observed.host,
+                host_port=observed.host_port,
+                concurrency=spec.concurrency,
+            )
+            logger.info(
+                "started worker %s (%s) on 127.0.0.1:%s: %s",
+                observed.name,
+                observed.short_id,
+                observed.host_port,
+                reason,
+                extra={
+                    logfields.POOL: spec.pool,
+                    logfields.CONTAINER_ID: observed.short_id,
+                    logfields.CONTAINER_NAME: observed.name,
+                    logfields.HOST_PORT: observed.host_port,
+                    logfields.REASON: reason,
+                },
+            )
 
     def _drain(self, worker: WorkerRecord, *, reason: str) -> None:
         if self._registry.mark_draining(worker.worker_id) is None:
@@ -552,35 +616,47 @@ class Reconciler:
     async def _run_stop(
         self, worker_id: WorkerId, *, name: str, grace_s: float, reason: str
     ) -> None:
-        record = self._registry.get(worker_id)
-        try:
-            # NB: the worker leaves routing before its container is stopped.
-            if record is not None and record.state != "draining":
-                self._registry.mark_draining(worker_id)
-            await self._runtime.stop(worker_id, grace_s=grace_s)
-            self._registry.remove(worker_id)
-            if reason:
-                logger.info(
-                    "stopped worker %s (%s) on 127.0.0.1:%s: %s",
-                    name,
-                    worker_id[:12],
-                    record.host_port if record else None,
-                    reason,
-                    extra={
-                        logfields.CONTAINER_ID: worker_id[:12],
-                        logfields.CONTAINER_NAME: name,
-                        logfields.REASON: reason,
-                    },
-                )
-        except TransientError as exc:
-            logger.warning("stop of worker %s failed, will retry: %s", name, exc)
-        finally:
-            self._stopping.pop(worker_id, None)
-            now = self._clock()
-            self._stopped[worker_id] = now
-            for stale in [w for w, t in self._stopped.items() if now - t > 300.0]:
-                del self._stopped[stale]
-            self.wake()
+        with telemetry.tracer.start_as_current_span(
+            "container stop",
+            attributes={
+                "container.id": worker_id,
+                "shoal.worker.name": name,
+                "shoal.reason": reason,
+                "shoal.grace_s": grace_s,
+            },
+        ) as span:
+            record = self._registry.get(worker_id)
+            try:
+                # NB: the worker leaves routing before its container is stopped.
+                if record is not None and record.state != "draining":
+                    self._registry.mark_draining(worker_id)
+                await self._runtime.stop(worker_id, grace_s=grace_s)
+                self._registry.remove(worker_id)
+                if reason:
+                    logger.info(
+                        "stopped worker %s (%s) on 127.0.0.1:%s: %s",
+                        name,
+                        worker_id[:12],
+                        record.host_port if record else None,
+                        reason,
+                        extra={
+                            logfields.CONTAINER_ID: worker_id[:12],
+                            logfields.CONTAINER_NAME: name,
+                            logfields.HOST_PORT: record.host_port if record else None,
+                            logfields.REASON: reason,
+                        },
+                    )
+            except TransientError as exc:
+                logger.warning("stop of worker %s failed, will retry: %s", name, exc)
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+            finally:
+                self._stopping.pop(worker_id, None)
+                now = self._clock()
+                self._stopped[worker_id] = now
+                for stale in [w for w, t in self._stopped.items() if now - t > 300.0]:
+                    del self._stopped[stale]
+                self.wake()
 
     async def stop_all(self, *, grace_s: float) -> int:
         """Stops every worker this controller owns (shutdown without --keep-workers)."""
