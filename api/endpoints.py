@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 # Called with every routable worker by id, after each change of that set.
 OnChange = Callable[[Mapping[str, Backend]], None]
+# Called with a worker's id once it left the registry: its container is stopped or dead.
+OnGone = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,12 @@ class PoolInfo:
 class ControlPlane(Protocol):
     """What the proxy needs from the controller; the seam its tests fake."""
 
-    async def start(self, on_change: OnChange) -> None:
-        """Begins following the registry; ``on_change`` gets the first routable set at once."""
+    async def start(self, on_change: OnChange, on_gone: OnGone | None = None) -> None:
+        """Begins following the registry; ``on_change`` gets the first routable set at once.
+
+        ``on_gone`` hears of each worker deleted from the registry (DELETED): by then its
+        container has stopped, so nothing still in flight on it can complete.
+        """
         ...
 
     def pools(self) -> Mapping[str, PoolInfo]: ...
@@ -93,9 +99,15 @@ def backend_from_json(doc: Mapping[str, Any]) -> Backend | None:
 class _RoutableSet:
     """The routable workers by id; reports to the proxy only when the set really changed."""
 
-    def __init__(self, on_change: OnChange) -> None:
+    def __init__(self, on_change: OnChange, on_gone: OnGone | None = None) -> None:
         self._on_change = on_change
+        self._on_gone = on_gone
         self._backends: dict[str, Backend] = {}
+
+    def gone(self, worker_id: str) -> None:
+        self.put(worker_id, None)
+        if self._on_gone is not None:
+            self._on_gone(worker_id)
 
     def put(self, worker_id: str, backend: Backend | None) -> None:
         old = self._backends.get(worker_id)
@@ -160,8 +172,8 @@ class RegistryControlPlane:
             request_capacity=controller.reconciler.request_capacity,
         )
 
-    async def start(self, on_change: OnChange) -> None:
-        self._routable = _RoutableSet(on_change)
+    async def start(self, on_change: OnChange, on_gone: OnGone | None = None) -> None:
+        self._routable = _RoutableSet(on_change, on_gone)
         current: dict[str, Backend] = {}
         for record in self._registry.list():
             backend = backend_of(record)
@@ -177,8 +189,10 @@ class RegistryControlPlane:
         if self._routable is None:
             return
         worker = event.worker
-        backend = backend_of(worker) if event.type != "DELETED" else None
-        self._routable.put(worker.worker_id, backend)
+        if event.type == "DELETED":
+            self._routable.gone(worker.worker_id)
+        else:
+            self._routable.put(worker.worker_id, backend_of(worker))
 
     def pools(self) -> Mapping[str, PoolInfo]:
         return self._pools()
@@ -235,8 +249,8 @@ class HttpControlPlane:
         self.resource_version = 0
         self.lists = 0  # how many full lists were made (tests and status read it)
 
-    async def start(self, on_change: OnChange) -> None:
-        self._routable = _RoutableSet(on_change)
+    async def start(self, on_change: OnChange, on_gone: OnGone | None = None) -> None:
+        self._routable = _RoutableSet(on_change, on_gone)
         self._routable.replace({}, force=True)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0),
@@ -344,9 +358,12 @@ class HttpControlPlane:
             response.raise_for_status()
             doc = await response.json()
         workers = {str(item["workerId"]): backend_from_json(item) for item in doc["items"]}
+        vanished = [worker_id for worker_id in self._workers if worker_id not in workers]
         self._workers = workers
         self.resource_version = int(doc["resourceVersion"])
         self._routable.replace({k: v for k, v in workers.items() if v is not None})
+        for worker_id in vanished:
+            self._routable.gone(worker_id)
         self.lists += 1
         if not self._listed.is_set():
             await self.refresh_pools()
@@ -377,11 +394,12 @@ class HttpControlPlane:
         self.resource_version = int(event["resourceVersion"])
         if self._pool is not None and obj.get("pool") != self._pool:
             return
-        backend = None if kind == "DELETED" else backend_from_json(obj)
         if kind == "DELETED":
             self._workers.pop(worker_id, None)
-        else:
-            self._workers[worker_id] = backend
+            self._routable.gone(worker_id)
+            return
+        backend = backend_from_json(obj)
+        self._workers[worker_id] = backend
         self._routable.put(worker_id, backend)
 
     async def _poll_pools(self) -> None:

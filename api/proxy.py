@@ -768,7 +768,7 @@ class Proxy:
 
     async def start(self, *, host: str, port: int, reuse_port: bool = False) -> int:
         """Follows the control plane, listens, and returns the bound port."""
-        await self.control.start(self.on_change)
+        await self.control.start(self.on_change, self.on_gone)
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
             lambda: _ClientConnection(self),
@@ -829,6 +829,11 @@ class Proxy:
             # after its container is stopped; requests in flight on it finish normally.
             for conn in self.idle.pop(worker_id, []):
                 conn.close()
+
+    def on_gone(self, worker_id: str) -> None:
+        """A worker left the registry, so its container is stopped: end what is still on it."""
+        for conn in [c for c in self.busy if c.backend.worker_id == worker_id]:
+            self.upstream_broken(conn, "the worker is gone")
 
     def _pool(self, name: str, info: PoolInfo | None = None) -> _Pool:
         pool = self.pools.get(name)
@@ -1119,7 +1124,7 @@ class Proxy:
             exchange.method,
             why,
         )
-        self.reply_error(exchange, _Reply(502, "the worker closed the connection"))
+        self.reply_error(exchange, _Reply(502, f"the worker failed before answering: {why}"))
 
     def abandon(self, exchange: _Exchange) -> None:
         """The client went away: cancel the wait, or drop the half-used upstream connection."""

@@ -273,3 +273,58 @@ async def test_balancer_scales_from_zero_and_refuses_a_pool_with_max_zero(
 
 def _ready_in(controller: Controller, pool: str) -> list[str]:
     return [w.name for w in controller.registry.list(pool) if w.routable]
+
+
+async def get_load(url: str, stop: asyncio.Event, report: LoadReport, *, n_clients: int) -> None:
+    """Bounded GET load (idempotent, so the balancer may retry it on another worker)."""
+    deadline = time.monotonic() + 120
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                async with session.get(f"{url}/healthz") as response:
+                    await response.read()
+                    report.statuses[response.status] += 1
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                report.errors.append(f"{type(exc).__name__}: {exc}")
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        await asyncio.gather(*(client(session) for _ in range(n_clients)))
+
+
+async def test_a_killed_worker_is_ejected_and_gets_requests_are_retried_elsewhere(
+    tmp_path: Path, docker_client: object, worker_image: str, instance_label: str
+) -> None:
+    import docker
+
+    assert isinstance(docker_client, docker.DockerClient)
+    path = tmp_path / "pool.yaml"
+    path.write_text(manifest(image=worker_image, min_replicas=2))
+    async with shoal(path, instance=instance_label, mode="in-process") as running:
+        ctl = running.controller
+        await until(lambda: len(_ready(ctl)) >= 2, timeout_s=90, what="2 ready workers")
+        victim = ctl.registry.list("default")[0]
+        stop = asyncio.Event()
+        report = LoadReport()
+        traffic = asyncio.ensure_future(get_load(running.url, stop, report, n_clients=8))
+        try:
+            await asyncio.sleep(1.0)
+            # SIGKILL: no drain, no goodbye; the registry learns of it only later.
+            await asyncio.to_thread(docker_client.containers.get(victim.worker_id).kill)
+            await until(
+                lambda: (
+                    victim.worker_id not in {w.worker_id for w in ctl.registry.list()}
+                    and len(_ready(ctl)) >= 2
+                ),
+                timeout_s=90,
+                what="the dead worker to be replaced",
+            )
+            await asyncio.sleep(1.0)
+        finally:
+            stop.set()
+            await asyncio.wait_for(traffic, timeout=60)
+
+    print(f"\n[kill] {report.total} requests, statuses {dict(report.statuses)}")
+    assert report.errors == [], report.errors[:5]
+    assert set(report.statuses) == {200}, report.statuses
+    assert report.total > 50

@@ -43,6 +43,7 @@ class Worker:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     entered: asyncio.Event = field(default_factory=asyncio.Event)
     runner: web.AppRunner | None = None
+    hold_all: bool = False  # every request waits for ``release`` (a worker that hangs)
 
     async def start(self, port: int = 0) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -66,6 +67,9 @@ class Worker:
         if peer:
             self.peers.add(peer)
         body = await request.read()
+        if self.hold_all:
+            self.entered.set()
+            await self.release.wait()
         if request.path == "/hangup":
             assert request.transport is not None
             request.transport.close()
@@ -761,3 +765,33 @@ async def test_a_pool_with_traffic_keeps_asking_for_capacity(
         assert response.status == 200
     await _until(lambda: "default" in h.asked)
     assert "batch" not in h.asked
+
+
+@pytest.mark.parametrize(
+    ("method", "status", "retried"),
+    [("GET", 200, True), ("POST", 502, False)],
+    ids=["get-retried", "post-not-retried"],
+)
+async def test_requests_in_flight_on_a_deleted_worker_end_at_once(
+    make_harness: HarnessFactory,
+    workers: Callable[[str], Awaitable[Worker]],
+    method: str,
+    status: int,
+    retried: bool,
+) -> None:
+    """A worker deleted from the registry is stopped: waiting on it would hang forever."""
+    h = await make_harness()
+    hung = await workers("hung")
+    hung.hold_all = True
+    hung_id = h.add(hung)
+    call = asyncio.ensure_future(h.session.request(method, f"{h.url}/echo", data=b"t"))
+    await asyncio.wait_for(hung.entered.wait(), timeout=5)
+    h.add(await workers("b"))
+    h.registry.remove(hung_id)
+    response = await asyncio.wait_for(call, timeout=5)
+    assert response.status == status
+    if retried:
+        assert (await response.json())["worker"] == "b"
+    else:
+        assert "the worker is gone" in (await response.json())["error"]
+    response.release()
