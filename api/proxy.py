@@ -123,7 +123,6 @@ class _Exchange:
     """One client request and its way through one or more upstream tries."""
 
     __slots__ = (
-        "after_head",
         "attempts",
         "backend",
         "body",
@@ -156,10 +155,9 @@ class _Exchange:
         self.keep_alive = True
         self.http10 = False
         self.chunked = False
-        # Body bytes kept for a replay, and bytes not yet written upstream.
+        # Body bytes not yet written upstream, then (up to the replay limit) kept for a replay.
         self.body: list[bytes] = []
         self.body_size = 0
-        self.after_head = 0  # index into ``body`` of the first chunk not yet sent
         self.body_done = False
         self.replayable = True
         self.backend: Backend | None = None
@@ -660,11 +658,9 @@ class _ClientConnection(asyncio.Protocol):
             upstream.write(chunk)
             if exchange.replayable and exchange.body_size <= self.proxy.config.replay_limit_bytes:
                 exchange.body.append(chunk)
-                exchange.after_head = len(exchange.body)
             else:
                 exchange.replayable = False
                 exchange.body.clear()
-                exchange.after_head = 0
         else:
             exchange.body.append(chunk)
             if exchange.body_size > self.proxy.config.replay_limit_bytes:
@@ -682,7 +678,6 @@ class _ClientConnection(asyncio.Protocol):
             if exchange.upstream is not None and exchange.sent:
                 exchange.upstream.write(b"0\r\n\r\n")
                 exchange.body.append(b"0\r\n\r\n")
-                exchange.after_head = len(exchange.body)
             else:
                 exchange.body.append(b"0\r\n\r\n")
 
@@ -1015,10 +1010,10 @@ class Proxy:
             conn.write(exchange.head + b"".join(exchange.body))
         else:
             conn.write(exchange.head)
-        exchange.after_head = len(exchange.body)
+        if exchange.body_size > self.config.replay_limit_bytes:
+            exchange.replayable = False
         if not exchange.replayable:
             exchange.body.clear()
-            exchange.after_head = 0
         exchange.client.resume_reading()
 
     def finish(self, conn: _UpstreamConnection, *, reuse: bool) -> None:
@@ -1079,7 +1074,6 @@ class Proxy:
         self._redispatch(exchange)
 
     def _redispatch(self, exchange: _Exchange) -> None:
-        exchange.after_head = 0
         if exchange.client.closed:
             return
         task = asyncio.get_running_loop().create_task(self._dispatch_slow(exchange))
