@@ -12,9 +12,11 @@ import asyncio
 import json
 import logging
 import time
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 from aiohttp import web
+from opentelemetry.trace import Span, SpanKind
 from pydantic import BaseModel, ValidationError
 
 from api.keys import CONTROLLER, MAX_BODY_BYTES
@@ -26,6 +28,7 @@ from api.models import (
     ResultBody,
     describe_validation_error,
 )
+from controller import telemetry
 from controller.dispatcher import retry_policy_of
 from controller.errors import QueueUnavailable, UnknownPool
 from controller.manager import Controller
@@ -87,15 +90,34 @@ def _enqueue_request(
         work_seconds=body.work_seconds,
         max_attempts=body.max_attempts or pool.spec.delivery.max_attempts,
         idempotency_key=body.idempotency_key or request.headers.get("Idempotency-Key"),
-        traceparent=request.headers.get("traceparent"),
+        # The enqueue span's context: the task's later spans join this trace.
+        traceparent=telemetry.current_traceparent(),
+    )
+
+
+def _enqueue_span(request: web.Request) -> AbstractContextManager[Span]:
+    """The server span of an enqueue; a ``traceparent`` the client sent becomes its parent."""
+    return telemetry.tracer.start_as_current_span(
+        "enqueue",
+        context=telemetry.extract(request.headers.get("traceparent")),
+        kind=SpanKind.SERVER,
+        attributes={"http.request.method": request.method, "url.path": request.path},
+    )
+
+
+def _describe_enqueue(span: Span, task: Task, *, created: bool) -> None:
+    span.set_attributes(
+        {"shoal.task.id": task.id, "shoal.pool": task.pool, "shoal.created": created}
     )
 
 
 @routes.post("/enqueue-task")
 async def enqueue_task(request: web.Request) -> web.Response:
     controller = _controller(request)
-    body = await read_body(request, EnqueueBody)
-    task, created = await controller.submit(_enqueue_request(controller, body, request))
+    with _enqueue_span(request) as span:
+        body = await read_body(request, EnqueueBody)
+        task, created = await controller.submit(_enqueue_request(controller, body, request))
+        _describe_enqueue(span, task, created=created)
     return web.json_response(
         {"id": task.id, "pool": task.pool, "state": task.state, "created": created},
         status=202 if created else 200,
@@ -107,8 +129,10 @@ async def enqueue_task(request: web.Request) -> web.Response:
 async def dispatch_task(request: web.Request) -> web.Response:
     """Enqueues a task and waits for its outcome up to ``timeout_s`` (a synchronous submit)."""
     controller = _controller(request)
-    body = await read_body(request, DispatchBody)
-    task, _created = await controller.submit(_enqueue_request(controller, body, request))
+    with _enqueue_span(request) as span:
+        body = await read_body(request, DispatchBody)
+        task, created = await controller.submit(_enqueue_request(controller, body, request))
+        _describe_enqueue(span, task, created=created)
     deadline = time.monotonic() + body.timeout_s
     while task.state not in FINAL_STATES and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
@@ -285,11 +309,6 @@ async def metrics_json(controller: Controller) -> dict[str, Any]:
         "policyError": snapshot["policyError"],
         "uptimeS": time.time() - controller.started_at,
     }
-
-
-@routes.get("/metrics")
-async def metrics(request: web.Request) -> web.Response:
-    return web.json_response(await metrics_json(_controller(request)))
 
 
 @routes.get("/metrics.json")
