@@ -107,7 +107,7 @@ async def _serve(args: argparse.Namespace, *, reuse_port: bool) -> int:
         bound = await proxy.start(host=host, port=port, reuse_port=reuse_port)
     except OSError as exc:
         await proxy.close()
-        print(f"shoal balancer: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        logger.error("shoal balancer: cannot listen on %s:%d: %s", host, port, exc.strerror)
         return 1
     logger.info(
         "balancer listening on http://%s:%d (pid %d), following %s",

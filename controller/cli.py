@@ -3,12 +3,17 @@
 ``shoal up`` runs the whole system in one process: policy store, queue,
 reconciler, dispatcher, prober and the HTTP API. SIGINT or SIGTERM stops it
 cleanly and stops the workers it runs, unless ``--keep-workers``.
+
+The API binds 127.0.0.1 unless ``--host`` says otherwise; ``SHOAL_API_TOKEN`` or
+``--api-token-file`` turns on bearer authentication, and binding elsewhere without
+one is allowed but warned about. Tracing follows the ``OTEL_*`` variables.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -17,6 +22,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from controller import telemetry
 from controller.errors import PolicyError
 from controller.logs import setup_logging
 from controller.runtimes.base import Runtime
@@ -53,7 +59,13 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("SHOAL_QUEUE", "sqlite://"),
         help="queue URL: sqlite:// (in --state-dir), sqlite:///abs/path.db, memory://, redis://",
     )
-    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--host", default="127.0.0.1", help="address the API binds (default: loopback)")
+    up.add_argument(
+        "--api-token-file",
+        type=Path,
+        default=None,
+        help="file holding the API bearer token (overrides SHOAL_API_TOKEN)",
+    )
     up.add_argument("--port", type=int, default=DEFAULT_PORT)
     up.add_argument("--keep-workers", action="store_true", help="leave workers running on shutdown")
     up.add_argument(
@@ -86,8 +98,30 @@ async def pick_runtime(choice: str, *, instance: str) -> Runtime:
     return ProcessRuntime(instance=instance)
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 async def _up(args: argparse.Namespace) -> int:
     from api.app import make_app
+    from api.auth import TokenError, load_token
+
+    try:
+        api_token = load_token(token_file=args.api_token_file)
+    except TokenError as exc:
+        logger.error("shoal: %s", exc)
+        return 2
+    if api_token is None and not _is_loopback(args.host):
+        logger.warning(
+            "the API binds %s WITHOUT a token: anyone who can reach it can enqueue tasks and "
+            "read status; set SHOAL_API_TOKEN or --api-token-file",
+            args.host,
+        )
     from controller.manager import Controller, ControllerConfig
     from controller.queues import open_queue
 
@@ -103,23 +137,28 @@ async def _up(args: argparse.Namespace) -> int:
         runtime=runtime,
         queue=queue,
     )
-    app = make_app(controller)
+    app = make_app(controller, api_token=api_token)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     try:
         await runner.setup()
     except PolicyError as exc:
         await runtime.close()
         await queue.close()
-        print(f"shoal: manifest refused: {exc}", file=sys.stderr)
+        logger.error("shoal: manifest refused: %s", exc)
         return 2
     site = web.TCPSite(runner, args.host, args.port)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        print(f"shoal: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        logger.error("shoal: cannot listen on %s:%d: %s", args.host, args.port, exc.strerror)
         return 1
-    logger.info("Shoal API listening on http://%s:%d", args.host, args.port)
+    logger.info(
+        "Shoal API listening on http://%s:%d (%s)",
+        args.host,
+        args.port,
+        "bearer token required" if api_token else "no authentication",
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -136,7 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(level=getattr(args, "log_level", "info"), fmt=getattr(args, "log_format", "text"))
     if args.command == "up":
-        return asyncio.run(_up(args))
+        provider = telemetry.setup_tracing()
+        try:
+            return asyncio.run(_up(args))
+        finally:
+            if provider is not None:
+                # Flushes spans still batched for an exporter.
+                provider.shutdown()
     return 2
 
 

@@ -35,14 +35,14 @@ class TraceContextFilter(logging.Filter):
         return True
 
 
-# Shown in text lines at every level: they tie a line to a task and its trace.
-_ALWAYS_SHOWN = (logfields.TASK_ID, logfields.TRACE_ID)
+# Shown on a task's text lines at every level: they tie the line to the task's trace.
+_TASK_FIELDS = (logfields.TASK_ID, logfields.TRACE_ID)
 
 
 class TextFormatter(logging.Formatter):
     """One line per record; structured fields are appended only at debug level,
-    since every info message already names what it is about. A task id and trace id
-    are appended at every level: they are what a reader greps for."""
+    since every info message already names what it is about. A task's lines get its
+    task id and trace id at every level: they are what a reader greps for."""
 
     def __init__(self, *, with_fields: bool = False) -> None:
         super().__init__()
@@ -54,7 +54,8 @@ class TextFormatter(logging.Formatter):
         line += record.getMessage()
         fields = _extras(record)
         if not self.with_fields:
-            fields = {k: v for k, v in fields.items() if k in _ALWAYS_SHOWN}
+            on_task = logfields.TASK_ID in fields
+            fields = {k: v for k, v in fields.items() if on_task and k in _TASK_FIELDS}
         if fields:
             line += "  " + " ".join(f"{k}={v}" for k, v in sorted(fields.items()))
         if record.exc_info:
