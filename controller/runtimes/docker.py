@@ -52,6 +52,11 @@ LABEL_CONTAINER_PORT = "shoal.container-port"
 
 DEFAULT_PIDS_LIMIT = 256
 DEFAULT_MEMORY_BYTES = 256 * 1024 * 1024
+DEFAULT_CPUS = 1.0
+# Workers run as this uid:gid whatever the image's USER says (the worker image's own user).
+DEFAULT_WORKER_USER = "10001:10001"
+# noexec/nosuid/nodev: the one writable place holds data, never programs or device nodes.
+TMPFS_OPTIONS = "rw,noexec,nosuid,nodev,size=16m"
 WATCHED_ACTIONS = frozenset({"create", "start", "die", "stop", "kill", "oom", "destroy"})
 
 _ENGINE_STATES: Mapping[str, EngineState] = {
@@ -233,8 +238,12 @@ class DockerRuntime:
         extra_labels: Mapping[str, str] | None = None,
         start_timeout_s: float = 10.0,
         retry_attempts: int = 4,
+        worker_user: str = DEFAULT_WORKER_USER,
     ) -> None:
+        if worker_user.split(":", 1)[0] in ("", "0", "root"):
+            raise ValueError(f"workers never run as root; worker_user={worker_user!r}")
         self.instance = instance
+        self.worker_user = worker_user
         self._client = client
         self._owns_client = client is None
         self._client_lock = threading.Lock()
@@ -393,6 +402,7 @@ class DockerRuntime:
             "CONCURRENCY": str(spec.concurrency),
             "SHOAL_WORKER_ID": spec.name,
         }
+        memory_bytes = spec.memory_bytes or DEFAULT_MEMORY_BYTES
         try:
             container = self._retrying(
                 client.containers.create,
@@ -401,13 +411,18 @@ class DockerRuntime:
                 labels=self._labels_for(spec),
                 environment=env,
                 ports={f"{spec.port}/tcp": ("127.0.0.1", None)},
+                user=self.worker_user,
                 read_only=True,
-                tmpfs={"/tmp": "rw,size=16m"},
+                tmpfs={"/tmp": TMPFS_OPTIONS},
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges"],
+                privileged=False,
                 pids_limit=spec.pids or DEFAULT_PIDS_LIMIT,
-                mem_limit=spec.memory_bytes or DEFAULT_MEMORY_BYTES,
-                nano_cpus=int(spec.cpus * 1e9) if spec.cpus else None,
+                mem_limit=memory_bytes,
+                # Equal to the memory limit: no swap on top of it.
+                memswap_limit=memory_bytes,
+                nano_cpus=int((spec.cpus or DEFAULT_CPUS) * 1e9),
+                # NB: no volumes and no binds, so never the Docker socket.
                 auto_remove=False,
             )
         except docker.errors.ImageNotFound as exc:
