@@ -23,6 +23,7 @@ import bisect
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -104,7 +105,8 @@ tracer = _ShoalTracer()
 
 def _exporter(name: str, env: Mapping[str, str]) -> SpanExporter | None:
     if name == "console":
-        return ConsoleSpanExporter()
+        # The SDK's default binds the stdout of import time; this one follows redirection.
+        return ConsoleSpanExporter(out=sys.stdout)
     if name == "otlp":
         protocol = env.get(
             "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
