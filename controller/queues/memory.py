@@ -147,6 +147,9 @@ class MemoryQueue:
         retry: RetryPolicy | None,
         permanent: bool = False,
     ) -> Task | None:
+        # One draw per call, accepted or not, as the sqlite backend does: the
+        # model test replays both with the same sequence of draws.
+        jitter = self._rand()
         task = self._held(task_id, worker)
         if task is None:
             return None
@@ -156,7 +159,7 @@ class MemoryQueue:
             error=error,
             retry=retry,
             permanent=permanent,
-            rand=self._rand,
+            rand=lambda: jitter,
         )
         return self._store(task, new)
 
