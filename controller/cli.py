@@ -73,8 +73,18 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("SHOAL_INSTANCE", "default"),
         help="label value that separates several Shoal installations on one engine",
     )
+    up.add_argument(
+        "--balancer-port",
+        type=int,
+        default=None,
+        help="also serve the balancer (reverse proxy to ready workers) on this port",
+    )
     up.add_argument("--log-level", default=os.environ.get("SHOAL_LOG_LEVEL", "info"))
     up.add_argument("--log-format", choices=["text", "json"], default="text")
+
+    from api import balancer_cli
+
+    balancer_cli.add_parser(sub)
     return parser
 
 
@@ -138,7 +148,8 @@ async def _up(args: argparse.Namespace) -> int:
         queue=queue,
     )
     app = make_app(controller, api_token=api_token)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # Watch and dashboard streams never end by themselves: don't wait 60 s for them.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     try:
         await runner.setup()
     except PolicyError as exc:
@@ -159,6 +170,17 @@ async def _up(args: argparse.Namespace) -> int:
         args.port,
         "bearer token required" if api_token else "no authentication",
     )
+    balancer = None
+    if args.balancer_port is not None:
+        from api.balancer_cli import start_in_process
+
+        try:
+            balancer = await start_in_process(controller, host=args.host, port=args.balancer_port)
+        except OSError as exc:
+            await runner.cleanup()
+            logger.error("shoal: cannot serve the balancer: %s", exc.strerror)
+            return 1
+        logger.info("Shoal balancer listening on %s", balancer.url)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -166,6 +188,8 @@ async def _up(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     logger.info("shutting down")
+    if balancer is not None:
+        await balancer.close()
     await runner.cleanup()
     logger.info("bye")
     return 0
@@ -182,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             if provider is not None:
                 # Flushes spans still batched for an exporter.
                 provider.shutdown()
+    if args.command == "balancer":
+        from api import balancer_cli
+
+        return balancer_cli.main(args)
     return 2
 
 
