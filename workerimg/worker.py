@@ -222,6 +222,9 @@ class WorkerServer(ThreadingHTTPServer):
 
 class TaskHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; with Nagle on, the body of every
+    # keep-alive response after the first waits ~40 ms for a delayed ACK.
+    disable_nagle_algorithm = True
     server_version = "shoal-worker/0.1"
     # Idle keep-alive connections are dropped after this long, so their threads end.
     timeout = 75
