@@ -72,8 +72,11 @@ choose_base() {
 
 choose_base
 say "building $worker_image from $repo_dir/workerimg"
+# The digest of the sources lets hack/test.sh and the tests see a stale image.
+source_digest="$(cat "$repo_dir/workerimg/Dockerfile" "$repo_dir/workerimg/worker.py" | sha256sum | cut -c1-16)"
 docker build \
     --build-arg "BASE_IMAGE=$base" \
+    --label "shoal.source-digest=$source_digest" \
     --label "org.opencontainers.image.title=shoal-worker" \
     --label "org.opencontainers.image.base.name=$base" \
     --tag "$worker_image" \

@@ -73,15 +73,12 @@ ensure_docker() {
 }
 
 ensure_worker_image() {
-    local image="${SHOAL_WORKER_IMAGE:-shoal/worker:latest}"
-    local stamp="$state_dir/worker-image.sha"
-    local digest
-    digest="$(cat "$repo_dir"/workerimg/* | sha256sum | cut -c1-16)"
-    if docker image inspect "$image" >/dev/null 2>&1 && [[ -f "$stamp" ]] \
-        && [[ "$(cat "$stamp")" == "$digest" ]]; then
+    local image="${SHOAL_WORKER_IMAGE:-shoal/worker:latest}" digest built
+    digest="$(cat "$repo_dir/workerimg/Dockerfile" "$repo_dir/workerimg/worker.py" | sha256sum | cut -c1-16)"
+    built="$(docker image inspect --format '{{index .Config.Labels "shoal.source-digest"}}' \
+        "$image" 2>/dev/null || true)"
+    if [[ "$built" == "$digest" ]]; then
         return 0
     fi
     "$repo_dir/hack/build-images.sh"
-    mkdir -p "$state_dir"
-    echo "$digest" >"$stamp"
 }

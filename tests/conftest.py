@@ -6,6 +6,7 @@ missing engine fails them: CI must exercise real containers.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import subprocess
@@ -43,9 +44,15 @@ def worker_image(docker_client: object) -> str:
     import docker
 
     assert isinstance(docker_client, docker.DockerClient)
+    sources = (REPO / "workerimg" / "Dockerfile").read_bytes()
+    sources += (REPO / "workerimg" / "worker.py").read_bytes()
+    digest = hashlib.sha256(sources).hexdigest()[:16]
     try:
-        docker_client.images.get(WORKER_IMAGE)
+        labels = docker_client.images.get(WORKER_IMAGE).labels or {}
     except docker.errors.ImageNotFound:
+        labels = {}
+    if labels.get("shoal.source-digest") != digest:
+        # Missing or built from older sources: a stale worker would test old code.
         subprocess.run([str(REPO / "hack" / "build-images.sh")], check=True, timeout=900)
     return WORKER_IMAGE
 
