@@ -22,4 +22,5 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 
 "$venv_dir/bin/ruff" check controller api hack tests
+"$venv_dir/bin/mypy"
 "$venv_dir/bin/python" -m pytest "${@:-tests}"
