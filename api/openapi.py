@@ -348,6 +348,7 @@ def _status_operations() -> dict[str, dict[str, Any]]:
                     "workers": {"type": "array", "items": _ref("Worker")},
                     "outcomes": {"type": "object", "additionalProperties": _INT},
                     "pools": {"type": "object"},
+                    "timings": {"type": "object"},
                 },
             ),
         ),

@@ -309,7 +309,22 @@ async def metrics_json(controller: Controller) -> dict[str, Any]:
         "pools": pools,
         "policyError": snapshot["policyError"],
         "uptimeS": time.time() - controller.started_at,
+        "timings": _timings_json(controller),
     }
+
+
+def _timings_json(controller: Controller) -> dict[str, Any]:
+    """The histograms /metrics exposes, as cumulative bucket counts (seconds)."""
+    timings: dict[str, Any] = {
+        "reconcileS": controller.reconciler.pass_timings.snapshot().to_json(),
+    }
+    if controller.dispatcher is not None:
+        for key, histogram in (
+            ("queueWaitS", controller.dispatcher.timings.queue_wait),
+            ("runS", controller.dispatcher.timings.run_time),
+        ):
+            timings[key] = {pool: histogram.snapshot(pool).to_json() for pool in histogram.labels()}
+    return timings
 
 
 @routes.get("/metrics.json")

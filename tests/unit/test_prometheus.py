@@ -144,6 +144,16 @@ async def test_metrics_parse_and_agree_with_the_json_endpoints(
     assert value(samples, "shoal_task_run_seconds_sum", pool="default") >= 6 * 0.02
     assert value(samples, "shoal_task_queue_wait_seconds_count", pool="default") == 6
     assert value(samples, "shoal_task_run_seconds_bucket", pool="default", le="+Inf") == 6
+    for name, key in (
+        ("shoal_task_run_seconds", "runS"),
+        ("shoal_task_queue_wait_seconds", "queueWaitS"),
+    ):
+        histogram = summary["timings"][key]["default"]
+        assert value(samples, f"{name}_count", pool="default") == histogram["count"]
+        assert value(samples, f"{name}_sum", pool="default") == pytest.approx(histogram["sumS"])
+        assert by_label(samples, f"{name}_bucket", "le") == {
+            le: float(count) for le, count in histogram["buckets"].items()
+        }
 
     # Workers: by state, in flight and processed, per worker.
     tally = collections.Counter((w["pool"], w["state"]) for w in containers)
@@ -166,6 +176,7 @@ async def test_metrics_parse_and_agree_with_the_json_endpoints(
         events = (await get_json(client, f"/scaling-events?pool={pool}"))["events"]
         assert value(samples, "shoal_scaling_events_total", pool=pool) == len(events)
     assert value(samples, "shoal_reconcile_duration_seconds_count") > 0
+    assert summary["timings"]["reconcileS"]["count"] > 0
 
 
 async def test_metrics_show_exact_figures_of_a_still_controller(tmp_path: Path) -> None:
