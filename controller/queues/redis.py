@@ -24,6 +24,7 @@ entries with XAUTOCLAIM and puts them back in the stream.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import functools
@@ -148,14 +149,25 @@ Where = Literal["stream", "delayed", "keep", ""]
 
 
 def _translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turns redis-py errors raised by ``fn`` into ``QueueUnavailable``."""
+    """Turns redis-py errors raised by ``fn`` into ``QueueUnavailable``.
+
+    It also re-raises a cancel that redis-py swallowed: it writes commands under
+    ``asyncio.wait_for``, which on Python 3.11 drops a cancel that lands as the
+    write completes. A caller told to stop (the dispatcher's lease keeper, a
+    shutdown) would otherwise carry on forever. What the call did stays done.
+    """
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        current = asyncio.current_task()
+        cancels_before = current.cancelling() if current is not None else 0
         try:
-            return await fn(*args, **kwargs)
+            result = await fn(*args, **kwargs)
         except RedisError as exc:
             raise QueueUnavailable(f"redis queue: {exc}") from exc
+        if current is not None and current.cancelling() > cancels_before:
+            raise asyncio.CancelledError
+        return result
 
     return wrapper
 

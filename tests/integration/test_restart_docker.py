@@ -131,12 +131,20 @@ async def tasks_of(url: str) -> list[dict[str, Any]]:
     raise AssertionError("more pages than tasks")
 
 
-async def wait_until(predicate: Any, *, timeout_s: float, what: str) -> None:
+async def wait_until(predicate: Any, *, timeout_s: float, what: str, explain: Any = None) -> None:
+    """Polls ``predicate``; on timeout the message carries what ``explain()`` returns."""
     deadline = time.monotonic() + timeout_s
     while not await predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+            detail = await explain() if explain is not None else ""
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; {detail}")
         await asyncio.sleep(0.25)
+
+
+async def unfinished(url: str, process: ShoalProcess) -> str:
+    """The tasks not yet succeeded and the tail of the process log, for a failure message."""
+    left = [t for t in await tasks_of(url) if t["state"] != "succeeded"]
+    return f"{len(left)} not succeeded, e.g. {left[:3]}; log: {process.log()[-2000:]}"
 
 
 async def test_controller_sigkilled_mid_load_and_restarted_finishes_every_task(
@@ -186,7 +194,12 @@ async def test_controller_sigkilled_mid_load_and_restarted_finishes_every_task(
                 assert counts["failed"] == 0 and counts["dead"] == 0, counts
                 return counts["succeeded"] >= producer.n_tasks
 
-            await wait_until(all_done, timeout_s=120, what="every task to succeed")
+            await wait_until(
+                all_done,
+                timeout_s=120,
+                what="every task to succeed",
+                explain=lambda: unfinished(second.url, second),
+            )
             tasks = await tasks_of(second.url)
     finally:
         for process in (first, second):
