@@ -79,6 +79,10 @@ def bearer_middleware(token: str) -> Middleware:
         if request.path in OPEN_PATHS:
             return await handler(request)
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if not scheme and request.method == "GET" and "access_token" in request.query:
+            # RFC 6750 2.3: a browser's EventSource cannot set headers, so the
+            # dashboard page and its stream may carry the token in the query.
+            scheme, presented = "bearer", request.query["access_token"]
         if scheme.lower() != "bearer" or not presented.strip():
             return _unauthorized("this API needs a bearer token", error=None)
         # NB: compare_digest takes time independent of where the strings differ.

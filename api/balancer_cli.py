@@ -22,8 +22,10 @@ import os
 import signal
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from api.auth import TokenError, load_token
 from api.balancer import STRATEGIES
 from api.endpoints import HttpControlPlane, RegistryControlPlane
 from api.proxy import Proxy, ProxyConfig
@@ -79,6 +81,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=1,
         help="serving processes sharing the port with SO_REUSEPORT (default 1)",
     )
+    parser.add_argument(
+        "--api-token-file",
+        type=Path,
+        default=None,
+        help="file holding the controller API's bearer token (else SHOAL_API_TOKEN)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("SHOAL_LOG_LEVEL", "info"))
     parser.add_argument("--log-format", choices=["text", "json"], default="text")
     return parser
@@ -101,7 +109,12 @@ def _config(args: argparse.Namespace) -> ProxyConfig:
 
 async def _serve(args: argparse.Namespace, *, reuse_port: bool) -> int:
     host, port = _split_listen(args.listen)
-    control = HttpControlPlane(args.controller, pool=args.pool, strategy=args.strategy)
+    try:
+        token = load_token(token_file=args.api_token_file)
+    except TokenError as exc:
+        logger.error("shoal balancer: %s", exc)
+        return 2
+    control = HttpControlPlane(args.controller, pool=args.pool, strategy=args.strategy, token=token)
     proxy = Proxy(control, config=_config(args))
     try:
         bound = await proxy.start(host=host, port=port, reuse_port=reuse_port)

@@ -229,6 +229,7 @@ class HttpControlPlane:
         watch_idle_s: float = 300.0,
         max_backoff_s: float = 5.0,
         first_list_timeout_s: float = 5.0,
+        token: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url.rstrip("/")
@@ -244,6 +245,8 @@ class HttpControlPlane:
         self._workers: dict[str, Backend | None] = {}
         self._routable: _RoutableSet | None = None
         self._session: aiohttp.ClientSession | None = None
+        # The controller's API may require a bearer token (SHOAL_API_TOKEN).
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._tasks: list[asyncio.Task[None]] = []
         self._listed = asyncio.Event()
         self.resource_version = 0
@@ -254,6 +257,7 @@ class HttpControlPlane:
         self._routable.replace({}, force=True)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0),
+            headers=self._headers,
         )
         loop = asyncio.get_running_loop()
         self._tasks = [

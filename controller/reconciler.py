@@ -596,6 +596,7 @@ class Reconciler:
             extra={
                 logfields.POOL: worker.pool,
                 logfields.CONTAINER_ID: worker.short_id,
+                logfields.CONTAINER_NAME: worker.name,
                 logfields.HOST_PORT: worker.host_port,
                 logfields.REASON: reason,
             },

@@ -30,7 +30,11 @@
   // -- stream ------------------------------------------------------------------------
 
   function connect() {
-    const source = new EventSource("/v1/stream");
+    // With an API token, open the page as /?access_token=...; the stream needs it too.
+    const token = new URLSearchParams(window.location.search).get("access_token");
+    const source = new EventSource(
+      token ? "/v1/stream?access_token=" + encodeURIComponent(token) : "/v1/stream",
+    );
     source.addEventListener("open", () => setConn("live", "Live"));
     source.addEventListener("error", () => {
       setConn("down", source.readyState === EventSource.CLOSED ? "Disconnected" : "Reconnecting…");

@@ -201,3 +201,15 @@ def test_cli_up_refuses_an_unreadable_token_file_before_starting_anything(
 )
 def test_cli_knows_which_hosts_are_loopback(host: str, loopback: bool) -> None:
     assert cli._is_loopback(host) is loopback
+
+
+async def test_auth_takes_the_token_from_the_query_for_get_only(
+    guarded: tuple[TestClient[Any, Any], Controller],
+) -> None:
+    """The dashboard's EventSource cannot send headers: GET may carry ?access_token=."""
+    client, controller = guarded
+    assert (await client.get(f"/queue-length?access_token={TOKEN}")).status == 200
+    assert (await client.get("/queue-length?access_token=wrong")).status == 401
+    posted = await client.post(f"/enqueue-task?access_token={TOKEN}", json={"payload": 1})
+    assert posted.status == 401
+    assert await _total_tasks(controller) == 0
