@@ -190,7 +190,7 @@ async def test_pull_task_three_times_its_lease_runs_once_through_heartbeats(
             task = await shoal.get(f"/tasks/{task_id}")
             if task["state"] == "running":
                 expiries.append(task["leaseExpiresAt"])
-            return task["state"] == "succeeded"
+            return bool(task["state"] == "succeeded")
 
         await shoal.wait_for(finished, timeout_s=30, what="the long task", interval_s=0.1)
         task = await shoal.get(f"/tasks/{task_id}")
