@@ -59,26 +59,46 @@ async def kill_busy_workers(
     t0: float,
     rng: random.Random,
 ) -> list[Kill]:
-    """Every ``KILL_EVERY_S`` for ``KILL_FOR_S``, kills one worker of ours that holds a task."""
+    """Every ``KILL_EVERY_S`` for ``KILL_FOR_S``, kills one worker of ours that holds a task.
+
+    A tick that finds no busy worker (all of them just replaced) looks again for up to a
+    second, so the run keeps its kill count.
+    """
     kills: list[Kill] = []
     for _ in range(int(KILL_FOR_S / KILL_EVERY_S)):
         await asyncio.sleep(KILL_EVERY_S)
-        running = await shoal.controller.queue.list(state="running", limit=N_TASKS)
-        held: dict[str, set[str]] = {}
-        for task in running:
-            if task.worker is not None:
-                held.setdefault(task.worker, set()).add(task.id)
-        containers = await asyncio.to_thread(
-            client.containers.list, filters={"label": f"shoal.instance={instance}"}
-        )
-        busy = sorted(c.name for c in containers if c.name in held)
-        if not busy:
-            continue
-        victim = rng.choice(busy)
-        container = next(c for c in containers if c.name == victim)
-        await asyncio.to_thread(container.kill)
-        kills.append(Kill(time.monotonic() - t0, victim, frozenset(held[victim])))
+        for _ in range(5):
+            kill = await kill_one_busy_worker(shoal, client, instance=instance, t0=t0, rng=rng)
+            if kill is not None:
+                kills.append(kill)
+                break
+            await asyncio.sleep(0.2)
     return kills
+
+
+async def kill_one_busy_worker(
+    shoal: Shoal,
+    client: docker.DockerClient,
+    *,
+    instance: str,
+    t0: float,
+    rng: random.Random,
+) -> Kill | None:
+    running = await shoal.controller.queue.list(state="running", limit=N_TASKS)
+    held: dict[str, set[str]] = {}
+    for task in running:
+        if task.worker is not None:
+            held.setdefault(task.worker, set()).add(task.id)
+    containers = await asyncio.to_thread(
+        client.containers.list, filters={"label": f"shoal.instance={instance}"}
+    )
+    busy = sorted(c.name for c in containers if c.name in held)
+    if not busy:
+        return None
+    victim = rng.choice(busy)
+    container = next(c for c in containers if c.name == victim)
+    await asyncio.to_thread(container.kill)
+    return Kill(time.monotonic() - t0, victim, frozenset(held[victim]))
 
 
 async def test_chaos_every_task_succeeds_and_only_killed_workers_tasks_run_twice(
@@ -135,7 +155,7 @@ async def test_chaos_every_task_succeeds_and_only_killed_workers_tasks_run_twice
     by_id = {t["id"]: t for t in tasks}
     assert len(tasks) == N_TASKS and set(by_id) == set(ids), "a task was lost or duplicated"
     assert all(t["state"] == "succeeded" for t in tasks)
-    assert len(kills) >= int(KILL_FOR_S / KILL_EVERY_S) - 1, kills
+    assert len(kills) >= int(KILL_FOR_S / KILL_EVERY_S) - 1, kills  # one tick may find none
     assert most_workers <= 6
 
     killed = {k.worker for k in kills}
