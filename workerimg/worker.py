@@ -400,7 +400,8 @@ def serve(config: Config) -> int:
 
 
 # --- pull mode --------------------------------------------------------------------------
-# MODE=pull: the worker asks Shoal for work instead of waiting to be sent it. Each of
+# MODE=pull: the worker asks Shoal for work instead of waiting to be sent it (SHOAL_URL,
+# SHOAL_POOL, and SHOAL_API_TOKEN when the API wants a bearer token). Each of
 # CONCURRENCY loops runs POST {SHOAL_URL}/dequeue-task -> run -> POST /tasks/{id}/result,
 # and while a task runs it POSTs /tasks/{id}/heartbeat every third of the lease, so a task
 # longer than the pool's leaseTimeout stays with this live worker. A 204 (nothing to do) or
@@ -428,6 +429,7 @@ class PullConfig:
     idle_initial_s: float
     idle_max_s: float
     request_timeout_s: float
+    api_token: str | None = None  # sent as a bearer token when Shoal's API asks for one
 
     @classmethod
     def from_env(cls, env: dict[str, str] | os._Environ[str]) -> PullConfig:
@@ -459,6 +461,7 @@ class PullConfig:
             idle_initial_s=idle_initial_s,
             idle_max_s=idle_max_s,
             request_timeout_s=_env_float(env, "PULL_REQUEST_TIMEOUT_SECONDS", 10.0),
+            api_token=env.get("SHOAL_API_TOKEN") or None,
         )
 
 
@@ -478,11 +481,14 @@ class ShoalClient:
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        headers = {"Content-Type": "application/json"}
+        if self._config.api_token:
+            headers["Authorization"] = f"Bearer {self._config.api_token}"
         request = urllib.request.Request(
             self._config.shoal_url + path,
             data=json.dumps(body).encode(),
             method="POST",
-            headers={"Content-Type": "application/json"},
+            headers=headers,
         )
         try:
             with self._opener.open(request, timeout=self._config.request_timeout_s) as response:

@@ -65,7 +65,11 @@ spec:
 
 @contextlib.asynccontextmanager
 async def shoal_for_pull(
-    tmp_path: Path, *, lease_timeout: str = "10s", port: int | None = None
+    tmp_path: Path,
+    *,
+    lease_timeout: str = "10s",
+    port: int | None = None,
+    api_token: str | None = None,
 ) -> AsyncIterator[Shoal]:
     manifest = tmp_path / "pool.yaml"
     manifest.write_text(pull_manifest(lease_timeout=lease_timeout))
@@ -75,7 +79,7 @@ async def shoal_for_pull(
         runtime=FakeRuntime(),
         queue=queue,
     )
-    server = TestServer(make_app(controller), host="127.0.0.1", port=port)
+    server = TestServer(make_app(controller, api_token=api_token), host="127.0.0.1", port=port)
     await server.start_server()
     try:
         async with aiohttp.ClientSession() as session:
@@ -295,6 +299,45 @@ async def test_pull_worker_reports_a_failing_task_as_permanent(
         task = await shoal.get(f"/tasks/{task_id}")
         assert task["error"] == "bad input"
         assert task["attempts"] == 1
+
+
+async def test_pull_worker_sends_the_api_token_and_is_refused_without_it(
+    tmp_path: Path, pull_workers: list[PullWorkerProcess]
+) -> None:
+    token = "pull-test-token-0123456789"
+    async with shoal_for_pull(tmp_path, api_token=token) as shoal:
+        status, _ = await shoal.post("/enqueue-task", {"payload": {"guarded": True}})
+        assert status == 401
+        async with shoal.session.post(
+            f"{shoal.url}/enqueue-task",
+            json={"payload": {"guarded": True}, "work_seconds": 0.1},
+            headers={"Authorization": f"Bearer {token}"},
+        ) as response:
+            assert response.status == 202
+            task_id = (await response.json())["id"]
+        stranger = PullWorkerProcess(url=shoal.url, worker_id="pull-stranger", log_dir=tmp_path)
+        pull_workers.append(stranger.start())
+        deadline = time.monotonic() + 10
+        while "dequeue answered 401" not in stranger.log():
+            assert time.monotonic() < deadline, stranger.log()
+            await asyncio.sleep(0.05)
+        stranger.signal(signal.SIGTERM)
+        assert await stranger.wait(timeout_s=10) == 0
+
+        pull_workers.append(
+            PullWorkerProcess(
+                url=shoal.url, worker_id="pull-member", log_dir=tmp_path, SHOAL_API_TOKEN=token
+            ).start()
+        )
+
+        async def succeeded() -> bool:
+            async with shoal.session.get(
+                f"{shoal.url}/tasks/{task_id}", headers={"Authorization": f"Bearer {token}"}
+            ) as response:
+                task = await response.json()
+            return bool(task["state"] == "succeeded" and task["workers"] == ["pull-member"])
+
+        await shoal.wait_for(succeeded, timeout_s=20, what="the token-holding worker")
 
 
 def test_pull_idle_wait_doubles_up_to_its_cap() -> None:
