@@ -230,8 +230,8 @@ class Dispatcher:
             raise
         finally:
             keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            # Bounded: a client library that drops a cancel must not hang the delivery.
+            await asyncio.wait({keeper}, timeout=2.0)
 
         try:
             kind, processed, failed = await self._settle(task, worker, pool, kind, detail)

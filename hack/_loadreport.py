@@ -49,7 +49,9 @@ class TaskRecord:
 
     @property
     def ran_twice(self) -> bool:
-        return self.attempts > 1 or len(self.workers) > 1
+        # A lease handed back unused (the worker answered 429) names a worker in
+        # the history without running the task there; only spent attempts count.
+        return self.attempts > 1
 
     @property
     def wait_s(self) -> float | None:

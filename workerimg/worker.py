@@ -115,6 +115,7 @@ class WorkerState:
         self.started_monotonic = time.monotonic()
         self._cond = threading.Condition()
         self.active = 0
+        self.replying = 0  # answers of finished tasks not yet written
         self.processed = 0
         self.failed = 0
         self.rejected = 0
@@ -129,12 +130,19 @@ class WorkerState:
             return True
 
     def release(self, *, ok: bool) -> None:
+        """Frees the slot; the answer is still to be written (``replied`` follows)."""
         with self._cond:
             self.active -= 1
+            self.replying += 1
             if ok:
                 self.processed += 1
             else:
                 self.failed += 1
+            self._cond.notify_all()
+
+    def replied(self) -> None:
+        with self._cond:
+            self.replying -= 1
             self._cond.notify_all()
 
     def count_failure(self) -> None:
@@ -151,7 +159,7 @@ class WorkerState:
 
     def wait_idle(self) -> None:
         with self._cond:
-            self._cond.wait_for(lambda: self.active == 0)
+            self._cond.wait_for(lambda: self.active == 0 and self.replying == 0)
 
     def snapshot(self, worker_id: str) -> dict[str, Any]:
         with self._cond:
@@ -277,8 +285,9 @@ class TaskHandler(BaseHTTPRequestHandler):
                 self._reply(HTTPStatus.TOO_MANY_REQUESTS, {"error": busy})
             return
 
-        # NB: the slot is released only after the answer is written, so a drain that waits
-        # for zero active tasks also waits for their answers to leave.
+        # NB: the slot frees before the answer is written, so a task sent the moment the
+        # answer arrives finds room (no spurious 429); a drain still waits for every
+        # answer to leave (``replying``) before the process exits.
         ok = False
         try:
             started = time.time()
@@ -288,20 +297,21 @@ class TaskHandler(BaseHTTPRequestHandler):
             traceparent = self._traceparent()
             if traceparent:
                 result["traceparent"] = traceparent
-            self._reply(
-                HTTPStatus.OK,
-                {
-                    "id": task.task_id,
-                    "worker": config.worker_id,
-                    "result": result,
-                    "startedAt": _iso(started),
-                    "finishedAt": _iso(finished),
-                    "durationS": round(finished - started, 6),
-                },
-            )
+            answer = {
+                "id": task.task_id,
+                "worker": config.worker_id,
+                "result": result,
+                "startedAt": _iso(started),
+                "finishedAt": _iso(finished),
+                "durationS": round(finished - started, 6),
+            }
             ok = True
         finally:
             state.release(ok=ok)
+        try:
+            self._reply(HTTPStatus.OK, answer)
+        finally:
+            state.replied()
 
     def _traceparent(self) -> str | None:
         value = (self.headers.get("traceparent") or "").strip().lower()
