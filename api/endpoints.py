@@ -26,6 +26,7 @@ import aiohttp
 
 from api.balancer import Backend, StrategyName
 from controller import logfields
+from controller.aio import cancel_and_wait
 from controller.registry import Registry, WatchEvent, WorkerRecord
 
 if TYPE_CHECKING:
@@ -307,11 +308,7 @@ class HttpControlPlane:
             return None
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         if self._session is not None:
             await self._session.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
+from typing import Any
 
 
 async def wait_event(event: asyncio.Event, *, timeout_s: float) -> bool:
@@ -18,3 +20,16 @@ async def wait_event(event: asyncio.Event, *, timeout_s: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any] | None]) -> None:
+    """Cancels ``tasks`` and waits until each has ended, whatever it raised.
+
+    The common tail of every component's ``stop()``: its loops must be gone
+    before the next component stops, or a late tick touches a closed resource.
+    """
+    running = [task for task in tasks if task is not None]
+    for task in running:
+        task.cancel()
+    if running:
+        await asyncio.gather(*running, return_exceptions=True)

@@ -44,7 +44,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from controller import logfields, telemetry
-from controller.aio import wait_event
+from controller.aio import cancel_and_wait, wait_event
 from controller.errors import QueueUnavailable
 from controller.policy import WorkerPool
 from controller.queues.base import RetryPolicy, Task, TaskQueue
@@ -134,10 +134,7 @@ class Dispatcher:
         Abandoned leases are not acked: they expire and the tasks run again,
         which is the at-least-once promise.
         """
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
         if self._deliveries and drain_timeout_s > 0:
             await asyncio.wait(self._deliveries, timeout=drain_timeout_s)
         for delivery in list(self._deliveries):

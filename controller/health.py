@@ -11,7 +11,6 @@ never starts or stops a container.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from collections.abc import Callable
 import aiohttp
 
 from controller import logfields
+from controller.aio import cancel_and_wait
 from controller.registry import Registry, WorkerRecord
 
 logger = logging.getLogger(__name__)
@@ -53,10 +53,7 @@ class HealthProber:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="health-prober")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
 
     async def run(self) -> None:
         while True:

@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from controller.aio import cancel_and_wait
 from controller.dispatcher import Dispatcher, Outcome
 from controller.errors import UnknownPool
 from controller.health import HealthProber
@@ -113,9 +114,7 @@ class Controller:
         )
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         await self.reconciler.stop()
         if self.dispatcher is not None:
             await self.dispatcher.stop(drain_timeout_s=0.0)

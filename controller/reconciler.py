@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import logging
 import math
@@ -33,7 +32,7 @@ from typing import Any
 from opentelemetry.trace import Span, Status, StatusCode
 
 from controller import logfields, telemetry
-from controller.aio import wait_event
+from controller.aio import cancel_and_wait, wait_event
 from controller.autoscaler import Decision, History, PoolMetrics, decide
 from controller.errors import QueueUnavailable, TransientError
 from controller.plan import Action, PlanInput, plan
@@ -153,11 +152,7 @@ class Reconciler:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         if self._spawning:
             # A start in progress finishes (or fails and cleans up) before we return,

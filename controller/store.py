@@ -13,13 +13,13 @@ land within one evaluation interval.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.aio import cancel_and_wait
 from controller.errors import PolicyError
 from controller.policy import WorkerPool, load_pools
 
@@ -107,10 +107,7 @@ class PolicyStore:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="policy-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
 
     def _accept(self, pools: list[WorkerPool]) -> None:
         before = set(self._pools)
