@@ -37,7 +37,7 @@ from aiohttp import web
 from api.keys import CONTROLLER
 from controller import logfields
 from controller.manager import Controller
-from controller.reconciler import ScalingEvent
+from controller.poolstate import ScalingEvent
 from controller.registry import WatchEvent
 
 logger = logging.getLogger(__name__)

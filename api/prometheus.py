@@ -36,8 +36,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from api.keys import CONTROLLER
 from controller.manager import Controller
+from controller.poolstate import ScalingEvent
 from controller.queues.base import TASK_STATES, QueueCounts
-from controller.reconciler import ScalingEvent
 from controller.registry import WorkerRecord
 from controller.telemetry import DurationHistogram, HistogramSnapshot
 

@@ -26,18 +26,18 @@ import math
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry.trace import Span, Status, StatusCode
 
 from controller import logfields, telemetry
 from controller.aio import cancel_and_wait, wait_event
-from controller.autoscaler import Decision, History, PoolMetrics, decide
+from controller.autoscaler import Decision, PoolMetrics, decide
 from controller.errors import QueueUnavailable, TransientError
 from controller.plan import Action, PlanInput, plan
 from controller.policy import WorkerPool
-from controller.queues.base import QueueCounts, TaskQueue
+from controller.poolstate import PoolRuntimeState, ScalingEvent, ewma, pool_status
+from controller.queues.base import TaskQueue
 from controller.registry import Registry, WorkerRecord
 from controller.runtimes.base import (
     ObservedWorker,
@@ -55,49 +55,6 @@ _MAX_EVENTS = 1000
 _CRASH_WINDOW_S = 120.0
 _BACKOFF_CAP_S = 60.0
 _YOUNG_S = 10.0
-
-
-@dataclass(frozen=True)
-class ScalingEvent:
-    time: float  # unix
-    pool: str
-    from_replicas: int
-    to_replicas: int
-    reason: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "time": self.time,
-            "pool": self.pool,
-            "from": self.from_replicas,
-            "to": self.to_replicas,
-            "reason": self.reason,
-        }
-
-
-@dataclass
-class PoolRuntimeState:
-    """What the reconciler keeps per pool between passes (never the truth about workers)."""
-
-    history: History = field(default_factory=History.empty)
-    desired: int | None = None
-    decision: Decision | None = None
-    decided_at: float | None = None
-    pending_spawns: dict[str, float] = field(default_factory=dict)  # name -> monotonic start
-    last_spawn_at: float = -math.inf  # monotonic
-    spawn_failures: int = 0
-    backoff_until: float = -math.inf  # monotonic
-    crashes: collections.deque[float] = field(default_factory=collections.deque)
-    last_error: str | None = None
-    startup_s: float | None = None  # EWMA of spawn -> ready
-    service_time_s: float | None = None  # EWMA of task run time
-    counts: QueueCounts = field(default_factory=QueueCounts)
-    # Synchronous traffic (the balancer's activator) that wants a worker until then.
-    demand_until: float = -math.inf  # monotonic
-
-
-def _ewma(previous: float | None, sample: float, *, alpha: float = 0.3) -> float:
-    return sample if previous is None else previous + alpha * (sample - previous)
 
 
 class Reconciler:
@@ -165,7 +122,7 @@ class Reconciler:
             return
         started = self._spawn_started.pop(worker.worker_id, None)
         startup_s = self._clock() - started if started is not None else probe_startup_s
-        state.startup_s = _ewma(state.startup_s, startup_s)
+        state.startup_s = ewma(state.startup_s, startup_s)
         state.spawn_failures = 0
         self.wake()
 
@@ -187,7 +144,7 @@ class Reconciler:
     def on_task_done(self, pool: str, run_s: float) -> None:
         state = self.pools.get(pool)
         if state is not None:
-            state.service_time_s = _ewma(state.service_time_s, run_s, alpha=0.1)
+            state.service_time_s = ewma(state.service_time_s, run_s, alpha=0.1)
 
     # -- observing the engine --------------------------------------------------
 
@@ -665,42 +622,11 @@ class Reconciler:
             await asyncio.gather(*self._stopping.values(), return_exceptions=True)
         return len(observed)
 
-    # -- status --------------------------------------------------------------------
-
     def status(self, name: str) -> dict[str, Any]:
-        pool = self._store.get(name)
-        state = self.pools.get(name, PoolRuntimeState())
-        workers = self._registry.list(name)
-        decision = state.decision
-        by_state = collections.Counter(w.state for w in workers)
-        return {
-            "pool": name,
-            "declared": pool is not None,
-            "replicas": (
-                {"min": pool.spec.replicas.min, "max": pool.spec.replicas.max} if pool else None
-            ),
-            "desired": state.desired,
-            "ready": by_state.get("ready", 0),
-            "starting": by_state.get("starting", 0) + len(state.pending_spawns),
-            "draining": by_state.get("draining", 0),
-            "spawnsInFlight": len(state.pending_spawns),
-            "queue": state.counts.to_json(),
-            "lastDecision": (
-                {
-                    "desired": decision.desired,
-                    "reason": decision.reason,
-                    "at": state.decided_at,
-                    "panic": decision.panic,
-                    "forecastRatePerS": decision.forecast_rate_per_s,
-                    "forecastReplicas": decision.forecast_replicas,
-                }
-                if decision is not None
-                else None
-            ),
-            "panic": decision.panic if decision is not None else False,
-            "startupS": state.startup_s,
-            "serviceTimeS": state.service_time_s,
-            "backoffS": max(0.0, state.backoff_until - self._clock()),
-            "lastError": state.last_error,
-            "templateHash": pool.spec.template.template_hash() if pool else None,
-        }
+        return pool_status(
+            name,
+            pool=self._store.get(name),
+            state=self.pools.get(name, PoolRuntimeState()),
+            workers=self._registry.list(name),
+            now=self._clock(),
+        )

@@ -22,9 +22,9 @@ from api import dashboard
 from api.app import make_app
 from controller.errors import QueueUnavailable
 from controller.manager import Controller, ControllerConfig
+from controller.poolstate import ScalingEvent
 from controller.queues.base import EnqueueRequest, QueueCounts
 from controller.queues.memory import MemoryQueue
-from controller.reconciler import ScalingEvent
 from controller.runtimes.base import WorkerId
 from controller.runtimes.fake import FakeRuntime
 

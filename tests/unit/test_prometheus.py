@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.app import make_app
 from api.prometheus import ScalingEventTotals
 from controller.manager import Controller, ControllerConfig
+from controller.poolstate import ScalingEvent
 from controller.queues.base import EnqueueRequest
 from controller.queues.memory import MemoryQueue
-from controller.reconciler import ScalingEvent
 from controller.runtimes.base import WorkerId
 from controller.runtimes.fake import FakeRuntime
 from controller.runtimes.process import ProcessRuntime
