@@ -182,7 +182,7 @@ class ShoalProcess:
             [
                 sys.executable,
                 "-m",
-                "controller.cli",
+                "api.cli",
                 "up",
                 "--runtime",
                 "docker",

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from api import cli
 from api.app import make_app
 from api.auth import TOKEN_ENV, TokenError, load_token
-from controller import cli, telemetry
+from controller import telemetry
 from controller.manager import Controller, ControllerConfig
 from controller.queues.memory import MemoryQueue
 from controller.runtimes.fake import FakeRuntime

@@ -27,7 +27,7 @@ from controller.errors import PolicyError
 from controller.logs import setup_logging
 from controller.runtimes.base import Runtime
 
-logger = logging.getLogger("controller.cli")
+logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8700
 
