@@ -1,18 +1,19 @@
 """The balancer's reverse proxy: HTTP/1.1 in, HTTP/1.1 to the live workers of a pool.
 
-It owns the listening socket, the client and upstream connections, the
-keep-alive pools, the activator (requests held while a pool scales from zero)
-and health (passive ejection on a connect failure, active probes that bring a
-worker back). It does not decide which workers exist: ``api.endpoints`` hands
-it the routable set, and it never writes to the registry. Backend choice is
-``api.balancer``'s.
+``Proxy`` owns the listening socket, the routing table of each pool, the per-worker
+keep-alive pools of upstream connections, dispatch and retries, the activator (requests
+held while a pool scales from zero) and health (passive ejection on a connect failure,
+active probes that bring a worker back). It does not decide which workers exist:
+``api.endpoints`` hands it the routable set, and it never writes to the registry. Backend
+choice is ``api.balancer``'s. ``api.balancer_cli`` runs it; tests and
+``hack/bench_balancer.py`` drive it directly.
 
-The hot path is a pair of ``asyncio.Protocol`` objects with httptools parsers,
-not an aiohttp app: a request is parsed once, its head rewritten (hop-by-hop
-headers out; ``X-Forwarded-*`` and ``X-Request-Id`` in) and written to a pooled
-upstream connection within the same callback when one is idle. Bodies stream
-both ways with flow control. Errors become 502/503/504 JSON; a client never
-sees a traceback.
+The hot path is a pair of ``asyncio.Protocol`` objects with httptools parsers, not an
+aiohttp app: ``api.proxy_client`` parses a request once and rewrites its head, and
+``Proxy.dispatch`` writes it to a pooled upstream connection within the same callback
+when one is idle; ``api.proxy_upstream`` relays the answer. ``api.proxy_exchange``
+holds the per-request record both sides share. Bodies stream both ways with flow
+control. Errors become 502/503/504 JSON; a client never sees a traceback.
 
 Retries (issue 5): after a connect failure nothing was sent, so another worker
 is tried for any method; a request that a worker may have started is only
@@ -26,53 +27,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import secrets
-import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
-import httptools
-
-from api.balancer import POOL_HEADER, Backend, Strategy, make_strategy, route_of
+from api.balancer import Backend, Strategy, make_strategy
 from api.endpoints import ControlPlane, PoolInfo
+from api.proxy_client import ClientConnection
+from api.proxy_exchange import REASONS, Exchange, error_body
+from api.proxy_upstream import UpstreamConnection
 from controller import logfields
 
 logger = logging.getLogger(__name__)
 
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",  # framing is re-declared by the proxy
-    }
-)
-_REQUEST_OWN = frozenset(
-    {b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-request-id"}
-)
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-_REASONS = {
-    400: "Bad Request",
-    404: "Not Found",
-    501: "Not Implemented",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
 _REQUEST_ID_OK = frozenset(range(0x21, 0x7F))
-# The fast paths take only what they fully understand; the rest goes through httptools.
-_FAST_METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
-_FAST_REFUSED = frozenset({b"expect"})
-_WS = (b" ", b"\t")
-_HIGH_WATER = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -119,613 +91,6 @@ class _Pool:
     asking: asyncio.Task[None] | None = None
 
 
-class _Exchange:
-    """One client request and its way through one or more upstream tries."""
-
-    __slots__ = (
-        "attempts",
-        "backend",
-        "body",
-        "body_done",
-        "body_size",
-        "chunked",
-        "client",
-        "closing",
-        "deadline",
-        "head",
-        "http10",
-        "keep_alive",
-        "method",
-        "pool",
-        "replayable",
-        "request_id",
-        "responded",
-        "sent",
-        "task",
-        "tried",
-        "upstream",
-    )
-
-    def __init__(self, client: _ClientConnection, method: str) -> None:
-        self.client = client
-        self.method = method
-        self.head = b""
-        self.pool = ""
-        self.request_id = ""
-        self.keep_alive = True
-        self.http10 = False
-        self.chunked = False
-        # Body bytes not yet written upstream, then (up to the replay limit) kept for a replay.
-        self.body: list[bytes] = []
-        self.body_size = 0
-        self.body_done = False
-        self.replayable = True
-        self.backend: Backend | None = None
-        self.upstream: _UpstreamConnection | None = None
-        self.sent = False  # bytes of this request went to a worker that may have read them
-        self.responded = False  # the response head went to the client
-        self.closing = False
-        self.deadline = 0.0
-        self.tried: set[str] = set()
-        self.attempts = 0  # times the request was written to a worker
-        self.task: asyncio.Task[None] | None = None
-
-
-def _chunk(data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data)
-
-
-def _error_body(status: int, message: str, request_id: str) -> bytes:
-    return json.dumps({"error": message, "status": status, "requestId": request_id}).encode()
-
-
-class _UpstreamConnection(asyncio.Protocol):
-    """One keep-alive connection to a worker, carrying one exchange at a time."""
-
-    def __init__(self, proxy: Proxy, backend: Backend) -> None:
-        self.proxy = proxy
-        self.backend = backend
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.exchange: _Exchange | None = None
-        self.idle_since = 0.0
-        self.closed = False
-        self._reason = b""
-        self._headers: list[bytes] = []
-        self._framing = b""
-        self._interim = False
-        self._out_chunked = False
-        self._until_close = False
-        self._retrying = False
-        self._in_message = False
-        self._pending: list[bytes] = []
-
-    # -- asyncio.Protocol --------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # NB: uvloop's transports are not asyncio.Transport subclasses; no isinstance here.
-        self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def data_received(self, data: bytes) -> None:
-        exchange = self.exchange
-        if exchange is None:
-            # A worker does not speak unasked; whatever it is, this connection is done.
-            self.close()
-            return
-        exchange.deadline = self.proxy.now() + self.proxy.config.upstream_timeout_s
-        if not self._in_message and self._fast_response(data, exchange):
-            return
-        client = exchange.client
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._flush(client)
-            self.proxy.upstream_broken(self, f"bad response from worker: {exc}")
-            return
-        self._flush(client)
-
-    def _flush(self, client: _ClientConnection) -> None:
-        # One write per read: a response's head and body leave in one syscall.
-        if self._pending:
-            client.write(b"".join(self._pending) if len(self._pending) > 1 else self._pending[0])
-            self._pending = []
-
-    def _fast_response(self, data: bytes, exchange: _Exchange) -> bool:
-        """Relays ``data`` when it is exactly one plain response with a Content-Length.
-
-        The same strict subset as the request side; interim, bodiless, chunked and
-        partial responses go through httptools.
-        """
-        end = data.find(b"\r\n\r\n")
-        if end < 0 or exchange.method == "HEAD":
-            return False
-        head = data[:end]
-        lines = head.split(b"\r\n")
-        status_line = lines[0]
-        code = status_line[9:12]
-        if (
-            head.count(b"\n") != len(lines) - 1
-            or status_line[:9] != b"HTTP/1.1 "
-            or not code.isdigit()
-            or code[:1] == b"1"
-            or code in (b"204", b"304")
-        ):
-            return False
-        length = -1
-        keep_alive = True
-        kept: list[bytes] = []
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name[:1] in _WS or name[-1:] in _WS:
-                return False
-            lname = name.lower()
-            if lname in _HOP_BY_HOP:
-                if lname == b"content-length":
-                    value = value.strip(b" \t")
-                    if length >= 0 or not value.isdigit():
-                        return False
-                    length = int(value)
-                elif lname == b"connection":
-                    keep_alive = b"close" not in value.lower()
-                elif lname == b"transfer-encoding" or lname == b"upgrade":
-                    return False
-                continue
-            kept.append(line)
-        if length < 0 or len(data) - end - 4 != length:
-            return False
-        if code == b"503" and self.proxy.may_replay_refusal(exchange):
-            self.proxy.replay_refused(self, exchange)
-            return True
-        exchange.responded = True
-        kept.append(b"Content-Length: %d" % length)
-        if not exchange.keep_alive:
-            kept.append(b"Connection: close")
-        exchange.client.write(
-            b"HTTP/1.1 %b\r\nX-Request-Id: %b\r\n%b\r\n\r\n%b"
-            % (status_line[9:], exchange.request_id.encode(), b"\r\n".join(kept), data[end + 4 :])
-        )
-        self.proxy.finish(self, reuse=keep_alive and not self.closed)
-        return True
-
-    def eof_received(self) -> bool | None:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        exchange = self.exchange
-        if exchange is None:
-            self.proxy.forget_idle(self)
-            return
-        if self._until_close and exchange.responded:
-            self.on_message_complete()
-            return
-        self.proxy.upstream_broken(
-            self, "worker closed the connection" if exc is None else str(exc)
-        )
-
-    def pause_writing(self) -> None:
-        if self.exchange is not None:
-            self.exchange.client.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.exchange is not None:
-            self.exchange.client.resume_reading()
-
-    # -- httptools callbacks -------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._in_message = True
-        self._headers = []
-        self._framing = b""
-        self._reason = b""
-        self._until_close = False
-
-    def on_status(self, status: bytes) -> None:
-        self._reason += status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        lname = name.lower()
-        if lname in _HOP_BY_HOP:
-            if lname == b"transfer-encoding" or lname == b"content-length":
-                self._framing = lname
-                if lname == b"content-length":
-                    self._headers.append(b"Content-Length: %b\r\n" % value)
-            return
-        self._headers.append(b"%b: %b\r\n" % (name, value))
-
-    def on_headers_complete(self) -> None:
-        exchange = self.exchange
-        if exchange is None:
-            return
-        status = self.parser.get_status_code()
-        if 100 <= status < 200:
-            self._interim = True
-            if status != 101:
-                self._pending.append(
-                    b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, self._reason, b"".join(self._headers))
-                )
-            return
-        if status == 503 and self.proxy.may_replay_refusal(exchange):
-            # The worker left routing (draining) and refused the request unread: try another.
-            self._retrying = True
-            return
-        self._interim = False
-        exchange.responded = True
-        head = self._headers
-        no_body = exchange.method == "HEAD" or status in (204, 304)
-        if no_body:
-            self._out_chunked = False
-        elif self._framing == b"transfer-encoding":
-            if exchange.http10:
-                exchange.keep_alive = False
-                self._out_chunked = False
-            else:
-                head.append(b"Transfer-Encoding: chunked\r\n")
-                self._out_chunked = True
-        elif self._framing == b"":
-            # Read until the worker closes: the client gets chunks, or a close under HTTP/1.0.
-            self._until_close = True
-            if exchange.http10:
-                exchange.keep_alive = False
-                self._out_chunked = False
-            else:
-                head.append(b"Transfer-Encoding: chunked\r\n")
-                self._out_chunked = True
-        else:
-            self._out_chunked = False
-        if not exchange.keep_alive:
-            head.append(b"Connection: close\r\n")
-        self._pending.append(
-            b"HTTP/1.1 %d %b\r\nX-Request-Id: %b\r\n%b\r\n"
-            % (status, self._reason, exchange.request_id.encode(), b"".join(head))
-        )
-        if exchange.method == "HEAD":
-            self._flush(exchange.client)
-            # httptools cannot be told a response has no body; never reuse this connection.
-            self.proxy.finish(self, reuse=False)
-
-    def on_body(self, body: bytes) -> None:
-        exchange = self.exchange
-        if exchange is None or self._retrying:
-            return
-        self._pending.append(_chunk(body) if self._out_chunked else body)
-
-    def on_message_complete(self) -> None:
-        self._in_message = False
-        if self._interim:
-            self._interim = False
-            return
-        exchange = self.exchange
-        if exchange is None:
-            return
-        if self._retrying:
-            self._retrying = False
-            self.proxy.replay_refused(self, exchange)
-            return
-        if self._out_chunked:
-            self._pending.append(b"0\r\n\r\n")
-        self._flush(exchange.client)
-        self.proxy.finish(
-            self,
-            reuse=not self._until_close and not self.closed and self.parser.should_keep_alive(),
-        )
-
-    # -- helpers ----------------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-
-
-class _ClientConnection(asyncio.Protocol):
-    """One connection from a client; requests on it are answered in order."""
-
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
-        self.peer = b"unknown"
-        self.queue: list[_Exchange] = []
-        self.closed = False
-        self.paused = False
-        self.idle_since = proxy.now()
-        self._parsing: _Exchange | None = None
-        self._url = b""
-        self._headers: list[bytes] = []
-        self._host = b""
-        self._pool_header: bytes | None = None
-        self._forwarded_for = b""
-        self._request_id = b""
-        self._framing = b""
-        self._in_message = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.set_write_buffer_limits(high=_HIGH_WATER)
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self.peer = str(peer[0]).encode()
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.proxy.clients.add(self)
-
-    def data_received(self, data: bytes) -> None:
-        if not self._in_message and not self.queue and self._fast_request(data):
-            return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._refuse(501, "protocol upgrades are not supported by the balancer")
-        except httptools.HttpParserError as exc:
-            self._refuse(400, f"malformed request: {exc}")
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.proxy.clients.discard(self)
-        for exchange in self.queue:
-            self.proxy.abandon(exchange)
-        self.queue.clear()
-
-    def pause_writing(self) -> None:
-        if self.queue and self.queue[0].upstream is not None:
-            transport = self.queue[0].upstream.transport
-            if transport is not None:
-                transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.queue and self.queue[0].upstream is not None:
-            transport = self.queue[0].upstream.transport
-            if transport is not None:
-                transport.resume_reading()
-
-    # -- httptools callbacks -------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._in_message = True
-        self._url = b""
-        self._headers = []
-        self._host = b""
-        self._pool_header = None
-        self._forwarded_for = b""
-        self._request_id = b""
-        self._framing = b""
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        lname = name.lower()
-        if lname in _HOP_BY_HOP:
-            if lname == b"transfer-encoding" or lname == b"content-length":
-                self._framing = lname
-                if lname == b"content-length":
-                    self._headers.append(b"Content-Length: %b\r\n" % value)
-            return
-        if lname in _REQUEST_OWN:
-            if lname == b"x-forwarded-for":
-                self._forwarded_for = value
-            elif lname == b"x-request-id":
-                self._request_id = value
-            return
-        if lname == b"host":
-            self._host = value
-        elif lname == POOL_HEADER_B:
-            self._pool_header = value
-        self._headers.append(b"%b: %b\r\n" % (name, value))
-
-    def on_headers_complete(self) -> None:
-        parser = self.parser
-        self._open(
-            parser.get_method(),
-            keep_alive=parser.should_keep_alive(),
-            http10=parser.get_http_version() == "1.0",
-            body=None,
-        )
-
-    def _open(self, method: bytes, *, keep_alive: bool, http10: bool, body: bytes | None) -> None:
-        """Turns the parsed head into an exchange; ``body`` is the whole body when known."""
-        exchange = _Exchange(self, method.decode("latin-1"))
-        exchange.keep_alive = keep_alive
-        exchange.http10 = http10
-        exchange.chunked = self._framing == b"transfer-encoding"
-        exchange.request_id = self.proxy.request_id(self._request_id)
-        pool, path = route_of(self._url, self._pool_header)
-        exchange.pool = pool
-        forwarded_for = (
-            self._forwarded_for + b", " + self.peer if self._forwarded_for else self.peer
-        )
-        extra = [
-            b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\n" % forwarded_for,
-            b"X-Request-Id: %b\r\n" % exchange.request_id.encode(),
-        ]
-        if self._host:
-            extra.append(b"X-Forwarded-Host: %b\r\n" % self._host)
-        if path is not self._url:
-            extra.append(b"X-Forwarded-Prefix: /pools/%b\r\n" % pool.encode("latin-1"))
-        if exchange.chunked:
-            extra.append(b"Transfer-Encoding: chunked\r\n")
-        exchange.head = b"%b %b HTTP/1.1\r\n%b%b\r\n" % (
-            method,
-            path,
-            b"".join(self._headers),
-            b"".join(extra),
-        )
-        if body is not None:
-            if body:
-                exchange.body.append(body)
-                exchange.body_size = len(body)
-                exchange.replayable = len(body) <= self.proxy.config.replay_limit_bytes
-            exchange.body_done = True
-        else:
-            self._parsing = exchange
-        self.queue.append(exchange)
-        if len(self.queue) == 1:
-            self.proxy.dispatch(exchange)
-        else:
-            # A pipelined request waits for the one before it; stop reading meanwhile.
-            self.pause_reading()
-
-    def _fast_request(self, data: bytes) -> bool:
-        """Handles ``data`` when it is exactly one plain HTTP/1.1 request; else returns False.
-
-        Most requests arrive whole in one read. This strict subset (origin-form target,
-        no folding, no Transfer-Encoding, Expect or Upgrade, an exact Content-Length)
-        skips httptools' per-header callbacks; anything else goes to httptools whole.
-        """
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
-            return False
-        head = data[:end]
-        lines = head.split(b"\r\n")
-        if head.count(b"\n") != len(lines) - 1 or b"\x00" in head:
-            return False
-        parts = lines[0].split(b" ")
-        if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in _FAST_METHODS:
-            return False
-        target = parts[1]
-        if target[:1] != b"/":
-            return False
-        headers: list[bytes] = []
-        host = b""
-        pool_header: bytes | None = None
-        forwarded_for = b""
-        request_id = b""
-        length = -1
-        keep_alive = True
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name[:1] in _WS or name[-1:] in _WS:
-                return False
-            lname = name.lower()
-            value = value.strip(b" \t")
-            if lname in _HOP_BY_HOP or lname in _FAST_REFUSED:
-                if lname == b"content-length":
-                    if length >= 0 or not value.isdigit():
-                        return False
-                    length = int(value)
-                    headers.append(b"Content-Length: %b\r\n" % value)
-                elif lname == b"connection":
-                    tokens = value.lower()
-                    if b"upgrade" in tokens:
-                        return False
-                    keep_alive = b"close" not in tokens
-                elif lname in _FAST_REFUSED or lname in (b"transfer-encoding", b"upgrade"):
-                    return False
-                continue
-            if lname in _REQUEST_OWN:
-                if lname == b"x-forwarded-for":
-                    forwarded_for = value
-                elif lname == b"x-request-id":
-                    request_id = value
-                continue
-            if lname == b"host":
-                host = value
-            elif lname == POOL_HEADER_B:
-                pool_header = value
-            headers.append(line + b"\r\n")
-        body = data[end + 4 :]
-        if len(body) != max(length, 0):
-            return False
-        self._url = target
-        self._headers = headers
-        self._host = host
-        self._pool_header = pool_header
-        self._forwarded_for = forwarded_for
-        self._request_id = request_id
-        self._framing = b"content-length" if length >= 0 else b""
-        self._open(parts[0], keep_alive=keep_alive, http10=False, body=body)
-        return True
-
-    def on_body(self, body: bytes) -> None:
-        exchange = self._parsing
-        if exchange is None:
-            return
-        chunk = _chunk(body) if exchange.chunked else body
-        exchange.body_size += len(body)
-        upstream = exchange.upstream
-        if upstream is not None and exchange.sent:
-            upstream.write(chunk)
-            if exchange.replayable and exchange.body_size <= self.proxy.config.replay_limit_bytes:
-                exchange.body.append(chunk)
-            else:
-                exchange.replayable = False
-                exchange.body.clear()
-        else:
-            exchange.body.append(chunk)
-            if exchange.body_size > self.proxy.config.replay_limit_bytes:
-                # Held until a worker is found; stop reading so memory stays bounded.
-                self.pause_reading()
-
-    def on_message_complete(self) -> None:
-        self._in_message = False
-        exchange = self._parsing
-        self._parsing = None
-        if exchange is None:
-            return
-        exchange.body_done = True
-        if exchange.chunked:
-            if exchange.upstream is not None and exchange.sent:
-                exchange.upstream.write(b"0\r\n\r\n")
-                exchange.body.append(b"0\r\n\r\n")
-            else:
-                exchange.body.append(b"0\r\n\r\n")
-
-    # -- helpers ----------------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
-
-    def pause_reading(self) -> None:
-        if not self.paused and self.transport is not None and not self.closed:
-            self.paused = True
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.paused and self.transport is not None and not self.closed:
-            self.paused = False
-            self.transport.resume_reading()
-
-    def close(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.closed = True
-            self.transport.close()
-
-    def _refuse(self, status: int, message: str) -> None:
-        body = _error_body(status, message, "")
-        self.write(
-            b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%b" % (status, _REASONS[status].encode(), len(body), body)
-        )
-        self.close()
-
-    def done(self, exchange: _Exchange) -> None:
-        """The response of ``exchange`` was written whole; move on to the next request."""
-        if self.queue and self.queue[0] is exchange:
-            self.queue.pop(0)
-        self.idle_since = self.proxy.now()
-        if not exchange.keep_alive or exchange.closing or not exchange.body_done:
-            self.close()
-            return
-        if self.queue:
-            self.proxy.dispatch(self.queue[0])
-        self.resume_reading()
-
-
-POOL_HEADER_B = POOL_HEADER.encode()
-
-
 class Proxy:
     """The balancer's proxy server: routing table, connection pools, activator and probes."""
 
@@ -742,9 +107,9 @@ class Proxy:
         self.pools: dict[str, _Pool] = {}
         self.routable: dict[str, Backend] = {}
         self.load: dict[str, int] = {}
-        self.idle: dict[str, list[_UpstreamConnection]] = {}
-        self.busy: set[_UpstreamConnection] = set()
-        self.clients: set[_ClientConnection] = set()
+        self.idle: dict[str, list[UpstreamConnection]] = {}
+        self.busy: set[UpstreamConnection] = set()
+        self.clients: set[ClientConnection] = set()
         self.ejected: dict[str, Backend] = {}
         self.stats: dict[str, int] = {
             "requests": 0,
@@ -766,7 +131,7 @@ class Proxy:
         await self.control.start(self.on_change, self.on_gone)
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            lambda: _ClientConnection(self),
+            lambda: ClientConnection(self),
             host=host,
             port=port,
             reuse_port=reuse_port or None,
@@ -861,7 +226,7 @@ class Proxy:
             return given.decode("ascii")
         return f"{self._rid_prefix}-{next(self._rid_counter):x}"
 
-    def dispatch(self, exchange: _Exchange) -> None:
+    def dispatch(self, exchange: Exchange) -> None:
         """Starts ``exchange``: at once when a pooled connection is idle, else in a task."""
         self.stats["requests"] += 1
         exchange.deadline = self.now() + self.config.upstream_timeout_s
@@ -882,7 +247,7 @@ class Proxy:
         self._slow.add(task)
         task.add_done_callback(self._slow.discard)
 
-    async def _dispatch_slow(self, exchange: _Exchange, chosen: Backend | None = None) -> None:
+    async def _dispatch_slow(self, exchange: Exchange, chosen: Backend | None = None) -> None:
         try:
             pool = await self._pool_for(exchange.pool)
             pool.last_request_at = self.now()
@@ -917,7 +282,7 @@ class Proxy:
             raise _Reply(404, f"unknown pool {name!r}")
         return self._pool(name, info)
 
-    async def _activate(self, pool: _Pool, exchange: _Exchange) -> Backend:
+    async def _activate(self, pool: _Pool, exchange: Exchange) -> Backend:
         """Holds the request until the pool has a routable worker (scale from zero)."""
         info = self.control.pools().get(pool.name)
         if info is not None and info.max_replicas == 0:
@@ -977,14 +342,14 @@ class Proxy:
         self._slow.add(pool.asking)
         pool.asking.add_done_callback(self._slow.discard)
 
-    async def _connect(self, backend: Backend, exchange: _Exchange) -> _UpstreamConnection | None:
+    async def _connect(self, backend: Backend, exchange: Exchange) -> UpstreamConnection | None:
         """Opens a connection; a failure ejects the worker and returns None (nothing was sent)."""
         loop = asyncio.get_running_loop()
         exchange.tried.add(backend.worker_id)
         try:
             _transport, conn = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: _UpstreamConnection(self, backend), backend.host, backend.port
+                    lambda: UpstreamConnection(self, backend), backend.host, backend.port
                 ),
                 timeout=self.config.connect_timeout_s,
             )
@@ -997,7 +362,7 @@ class Proxy:
             return None
         return conn
 
-    def _send(self, exchange: _Exchange, backend: Backend, conn: _UpstreamConnection) -> None:
+    def _send(self, exchange: Exchange, backend: Backend, conn: UpstreamConnection) -> None:
         exchange.backend = backend
         exchange.upstream = conn
         exchange.tried.add(backend.worker_id)
@@ -1016,7 +381,7 @@ class Proxy:
             exchange.body.clear()
         exchange.client.resume_reading()
 
-    def finish(self, conn: _UpstreamConnection, *, reuse: bool) -> None:
+    def finish(self, conn: UpstreamConnection, *, reuse: bool) -> None:
         """The response came whole: free the worker's slot, pool the connection, go on."""
         exchange = conn.exchange
         conn.exchange = None
@@ -1036,7 +401,7 @@ class Proxy:
             conn.close()
         exchange.client.done(exchange)
 
-    def _release(self, exchange: _Exchange) -> None:
+    def _release(self, exchange: Exchange) -> None:
         backend = exchange.backend
         if backend is not None:
             count = self.load.get(backend.worker_id, 0)
@@ -1046,12 +411,12 @@ class Proxy:
                 self.load.pop(backend.worker_id, None)
         exchange.backend = None
 
-    def forget_idle(self, conn: _UpstreamConnection) -> None:
+    def forget_idle(self, conn: UpstreamConnection) -> None:
         conns = self.idle.get(conn.backend.worker_id)
         if conns and conn in conns:
             conns.remove(conn)
 
-    def may_replay_refusal(self, exchange: _Exchange) -> bool:
+    def may_replay_refusal(self, exchange: Exchange) -> bool:
         backend = exchange.backend
         return (
             backend is not None
@@ -1061,7 +426,7 @@ class Proxy:
             and exchange.attempts < self.config.max_tries
         )
 
-    def replay_refused(self, conn: _UpstreamConnection, exchange: _Exchange) -> None:
+    def replay_refused(self, conn: UpstreamConnection, exchange: Exchange) -> None:
         """A worker that left routing refused the request with 503; another worker gets it."""
         conn.exchange = None
         self.busy.discard(conn)
@@ -1073,7 +438,7 @@ class Proxy:
         logger.debug("request %s refused by a draining worker; retrying", exchange.request_id)
         self._redispatch(exchange)
 
-    def _redispatch(self, exchange: _Exchange) -> None:
+    def _redispatch(self, exchange: Exchange) -> None:
         if exchange.client.closed:
             return
         task = asyncio.get_running_loop().create_task(self._dispatch_slow(exchange))
@@ -1081,7 +446,7 @@ class Proxy:
         self._slow.add(task)
         task.add_done_callback(self._slow.discard)
 
-    def upstream_broken(self, conn: _UpstreamConnection, why: str) -> None:
+    def upstream_broken(self, conn: UpstreamConnection, why: str) -> None:
         """The worker's connection failed mid-exchange: retry if safe, else 502 or cut."""
         exchange = conn.exchange
         conn.exchange = None
@@ -1120,7 +485,7 @@ class Proxy:
         )
         self.reply_error(exchange, _Reply(502, f"the worker failed before answering: {why}"))
 
-    def abandon(self, exchange: _Exchange) -> None:
+    def abandon(self, exchange: Exchange) -> None:
         """The client went away: cancel the wait, or drop the half-used upstream connection."""
         if exchange.task is not None:
             exchange.task.cancel()
@@ -1132,13 +497,13 @@ class Proxy:
             self._release(exchange)
             exchange.upstream = None
 
-    def reply_error(self, exchange: _Exchange, reply: _Reply) -> None:
+    def reply_error(self, exchange: Exchange, reply: _Reply) -> None:
         client = exchange.client
         if client.closed:
             return
         if reply.status >= 500:
             self.stats["errors"] += 1
-        body = _error_body(reply.status, str(reply), exchange.request_id)
+        body = error_body(reply.status, str(reply), exchange.request_id)
         extra = b""
         if reply.retry_after_s is not None:
             extra = b"Retry-After: %d\r\n" % reply.retry_after_s
@@ -1149,7 +514,7 @@ class Proxy:
             b"X-Request-Id: %b\r\n%b%b\r\n%b"
             % (
                 reply.status,
-                _REASONS.get(reply.status, "Error").encode(),
+                REASONS.get(reply.status, "Error").encode(),
                 len(body),
                 exchange.request_id.encode(),
                 extra,
@@ -1247,7 +612,7 @@ class Proxy:
                 if not client.queue and client.idle_since < client_limit:
                     client.close()
 
-    def _time_out(self, conn: _UpstreamConnection, exchange: _Exchange) -> None:
+    def _time_out(self, conn: UpstreamConnection, exchange: Exchange) -> None:
         conn.exchange = None
         self.busy.discard(conn)
         conn.close()

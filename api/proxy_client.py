@@ -1,0 +1,330 @@
+"""The client side of the balancer's proxy: one ``asyncio.Protocol`` per client connection.
+
+Owns parsing requests (httptools, plus a strict fast path for a plain HTTP/1.1 request
+that arrives whole in one read), rewriting the head for a worker (hop-by-hop headers out;
+``X-Forwarded-*`` and ``X-Request-Id`` in), answering pipelined requests in order,
+streaming request bodies with flow control, and refusing what it cannot parse (400/501).
+It does not choose workers, retry or time anything out: each parsed request becomes an
+``Exchange`` handed to ``api.proxy.Proxy.dispatch``, which created this protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from api.balancer import POOL_HEADER, route_of
+from api.proxy_exchange import HEADER_WS, HOP_BY_HOP, REASONS, Exchange, error_body, frame_chunk
+
+if TYPE_CHECKING:
+    from api.proxy import Proxy
+
+_REQUEST_OWN = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-request-id"}
+)
+# The fast paths take only what they fully understand; the rest goes through httptools.
+_FAST_METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
+_FAST_REFUSED = frozenset({b"expect"})
+_HIGH_WATER = 256 * 1024
+POOL_HEADER_B = POOL_HEADER.encode()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One connection from a client; requests on it are answered in order."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer = b"unknown"
+        self.queue: list[Exchange] = []
+        self.closed = False
+        self.paused = False
+        self.idle_since = proxy.now()
+        self._parsing: Exchange | None = None
+        self._url = b""
+        self._headers: list[bytes] = []
+        self._host = b""
+        self._pool_header: bytes | None = None
+        self._forwarded_for = b""
+        self._request_id = b""
+        self._framing = b""
+        self._in_message = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=_HIGH_WATER)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = str(peer[0]).encode()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.proxy.clients.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._in_message and not self.queue and self._fast_request(data):
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(501, "protocol upgrades are not supported by the balancer")
+        except httptools.HttpParserError as exc:
+            self._refuse(400, f"malformed request: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.proxy.clients.discard(self)
+        for exchange in self.queue:
+            self.proxy.abandon(exchange)
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        if self.queue and self.queue[0].upstream is not None:
+            transport = self.queue[0].upstream.transport
+            if transport is not None:
+                transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.queue and self.queue[0].upstream is not None:
+            transport = self.queue[0].upstream.transport
+            if transport is not None:
+                transport.resume_reading()
+
+    # -- httptools callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_message = True
+        self._url = b""
+        self._headers = []
+        self._host = b""
+        self._pool_header = None
+        self._forwarded_for = b""
+        self._request_id = b""
+        self._framing = b""
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lname = name.lower()
+        if lname in HOP_BY_HOP:
+            if lname == b"transfer-encoding" or lname == b"content-length":
+                self._framing = lname
+                if lname == b"content-length":
+                    self._headers.append(b"Content-Length: %b\r\n" % value)
+            return
+        if lname in _REQUEST_OWN:
+            if lname == b"x-forwarded-for":
+                self._forwarded_for = value
+            elif lname == b"x-request-id":
+                self._request_id = value
+            return
+        if lname == b"host":
+            self._host = value
+        elif lname == POOL_HEADER_B:
+            self._pool_header = value
+        self._headers.append(b"%b: %b\r\n" % (name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        self._open(
+            parser.get_method(),
+            keep_alive=parser.should_keep_alive(),
+            http10=parser.get_http_version() == "1.0",
+            body=None,
+        )
+
+    def _open(self, method: bytes, *, keep_alive: bool, http10: bool, body: bytes | None) -> None:
+        """Turns the parsed head into an exchange; ``body`` is the whole body when known."""
+        exchange = Exchange(self, method.decode("latin-1"))
+        exchange.keep_alive = keep_alive
+        exchange.http10 = http10
+        exchange.chunked = self._framing == b"transfer-encoding"
+        exchange.request_id = self.proxy.request_id(self._request_id)
+        pool, path = route_of(self._url, self._pool_header)
+        exchange.pool = pool
+        forwarded_for = (
+            self._forwarded_for + b", " + self.peer if self._forwarded_for else self.peer
+        )
+        extra = [
+            b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\n" % forwarded_for,
+            b"X-Request-Id: %b\r\n" % exchange.request_id.encode(),
+        ]
+        if self._host:
+            extra.append(b"X-Forwarded-Host: %b\r\n" % self._host)
+        if path is not self._url:
+            extra.append(b"X-Forwarded-Prefix: /pools/%b\r\n" % pool.encode("latin-1"))
+        if exchange.chunked:
+            extra.append(b"Transfer-Encoding: chunked\r\n")
+        exchange.head = b"%b %b HTTP/1.1\r\n%b%b\r\n" % (
+            method,
+            path,
+            b"".join(self._headers),
+            b"".join(extra),
+        )
+        if body is not None:
+            if body:
+                exchange.body.append(body)
+                exchange.body_size = len(body)
+                exchange.replayable = len(body) <= self.proxy.config.replay_limit_bytes
+            exchange.body_done = True
+        else:
+            self._parsing = exchange
+        self.queue.append(exchange)
+        if len(self.queue) == 1:
+            self.proxy.dispatch(exchange)
+        else:
+            # A pipelined request waits for the one before it; stop reading meanwhile.
+            self.pause_reading()
+
+    def _fast_request(self, data: bytes) -> bool:
+        """Handles ``data`` when it is exactly one plain HTTP/1.1 request; else returns False.
+
+        Most requests arrive whole in one read. This strict subset (origin-form target,
+        no folding, no Transfer-Encoding, Expect or Upgrade, an exact Content-Length)
+        skips httptools' per-header callbacks; anything else goes to httptools whole.
+        """
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head = data[:end]
+        lines = head.split(b"\r\n")
+        if head.count(b"\n") != len(lines) - 1 or b"\x00" in head:
+            return False
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in _FAST_METHODS:
+            return False
+        target = parts[1]
+        if target[:1] != b"/":
+            return False
+        headers: list[bytes] = []
+        host = b""
+        pool_header: bytes | None = None
+        forwarded_for = b""
+        request_id = b""
+        length = -1
+        keep_alive = True
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not name or name[:1] in HEADER_WS or name[-1:] in HEADER_WS:
+                return False
+            lname = name.lower()
+            value = value.strip(b" \t")
+            if lname in HOP_BY_HOP or lname in _FAST_REFUSED:
+                if lname == b"content-length":
+                    if length >= 0 or not value.isdigit():
+                        return False
+                    length = int(value)
+                    headers.append(b"Content-Length: %b\r\n" % value)
+                elif lname == b"connection":
+                    tokens = value.lower()
+                    if b"upgrade" in tokens:
+                        return False
+                    keep_alive = b"close" not in tokens
+                elif lname in _FAST_REFUSED or lname in (b"transfer-encoding", b"upgrade"):
+                    return False
+                continue
+            if lname in _REQUEST_OWN:
+                if lname == b"x-forwarded-for":
+                    forwarded_for = value
+                elif lname == b"x-request-id":
+                    request_id = value
+                continue
+            if lname == b"host":
+                host = value
+            elif lname == POOL_HEADER_B:
+                pool_header = value
+            headers.append(line + b"\r\n")
+        body = data[end + 4 :]
+        if len(body) != max(length, 0):
+            return False
+        self._url = target
+        self._headers = headers
+        self._host = host
+        self._pool_header = pool_header
+        self._forwarded_for = forwarded_for
+        self._request_id = request_id
+        self._framing = b"content-length" if length >= 0 else b""
+        self._open(parts[0], keep_alive=keep_alive, http10=False, body=body)
+        return True
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self._parsing
+        if exchange is None:
+            return
+        chunk = frame_chunk(body) if exchange.chunked else body
+        exchange.body_size += len(body)
+        upstream = exchange.upstream
+        if upstream is not None and exchange.sent:
+            upstream.write(chunk)
+            if exchange.replayable and exchange.body_size <= self.proxy.config.replay_limit_bytes:
+                exchange.body.append(chunk)
+            else:
+                exchange.replayable = False
+                exchange.body.clear()
+        else:
+            exchange.body.append(chunk)
+            if exchange.body_size > self.proxy.config.replay_limit_bytes:
+                # Held until a worker is found; stop reading so memory stays bounded.
+                self.pause_reading()
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        exchange = self._parsing
+        self._parsing = None
+        if exchange is None:
+            return
+        exchange.body_done = True
+        if exchange.chunked:
+            if exchange.upstream is not None and exchange.sent:
+                exchange.upstream.write(b"0\r\n\r\n")
+                exchange.body.append(b"0\r\n\r\n")
+            else:
+                exchange.body.append(b"0\r\n\r\n")
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def _refuse(self, status: int, message: str) -> None:
+        body = error_body(status, message, "")
+        self.write(
+            b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%b" % (status, REASONS[status].encode(), len(body), body)
+        )
+        self.close()
+
+    def done(self, exchange: Exchange) -> None:
+        """The response of ``exchange`` was written whole; move on to the next request."""
+        if self.queue and self.queue[0] is exchange:
+            self.queue.pop(0)
+        self.idle_since = self.proxy.now()
+        if not exchange.keep_alive or exchange.closing or not exchange.body_done:
+            self.close()
+            return
+        if self.queue:
+            self.proxy.dispatch(self.queue[0])
+        self.resume_reading()

@@ -1,0 +1,103 @@
+"""One proxied request's record, and the HTTP/1.1 framing both sides of the proxy share.
+
+Owns ``Exchange`` (a client request on its way through one or more upstream tries: the
+rewritten head, the body held for a replay, which worker has it and what was sent) and
+the small vocabulary of the wire: hop-by-hop header names, reason phrases, chunk framing
+and the JSON error body. It does no I/O and makes no decisions: ``api.proxy_client``
+fills an exchange, ``api.proxy.Proxy`` routes and retries it, and
+``api.proxy_upstream`` relays its response. Internal to the proxy modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING
+
+from api.balancer import Backend
+
+if TYPE_CHECKING:
+    from api.proxy_client import ClientConnection
+    from api.proxy_upstream import UpstreamConnection
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",  # framing is re-declared by the proxy
+    }
+)
+REASONS = {
+    400: "Bad Request",
+    404: "Not Found",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+HEADER_WS = (b" ", b"\t")
+
+
+class Exchange:
+    """One client request and its way through one or more upstream tries."""
+
+    __slots__ = (
+        "attempts",
+        "backend",
+        "body",
+        "body_done",
+        "body_size",
+        "chunked",
+        "client",
+        "closing",
+        "deadline",
+        "head",
+        "http10",
+        "keep_alive",
+        "method",
+        "pool",
+        "replayable",
+        "request_id",
+        "responded",
+        "sent",
+        "task",
+        "tried",
+        "upstream",
+    )
+
+    def __init__(self, client: ClientConnection, method: str) -> None:
+        self.client = client
+        self.method = method
+        self.head = b""
+        self.pool = ""
+        self.request_id = ""
+        self.keep_alive = True
+        self.http10 = False
+        self.chunked = False
+        # Body bytes not yet written upstream, then (up to the replay limit) kept for a replay.
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.body_done = False
+        self.replayable = True
+        self.backend: Backend | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.sent = False  # bytes of this request went to a worker that may have read them
+        self.responded = False  # the response head went to the client
+        self.closing = False
+        self.deadline = 0.0
+        self.tried: set[str] = set()
+        self.attempts = 0  # times the request was written to a worker
+        self.task: asyncio.Task[None] | None = None
+
+
+def frame_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def error_body(status: int, message: str, request_id: str) -> bytes:
+    return json.dumps({"error": message, "status": status, "requestId": request_id}).encode()

@@ -1,0 +1,272 @@
+"""The worker side of the balancer's proxy: one keep-alive connection to a worker.
+
+Owns parsing a worker's response (httptools, plus a strict fast path for one plain
+response with a Content-Length that arrives whole) and relaying it to the client: head
+rewritten, body re-framed (chunked, or until close under HTTP/1.0), one client write per
+read, back-pressure passed both ways. It does not decide whether a connection is pooled,
+retried or timed out: it reports to ``api.proxy.Proxy`` (``finish``, ``upstream_broken``,
+``replay_refused``), which opens these connections and keeps the idle ones per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from api.balancer import Backend
+from api.proxy_exchange import HEADER_WS, HOP_BY_HOP, Exchange, frame_chunk
+
+if TYPE_CHECKING:
+    from api.proxy import Proxy
+    from api.proxy_client import ClientConnection
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection to a worker, carrying one exchange at a time."""
+
+    def __init__(self, proxy: Proxy, backend: Backend) -> None:
+        self.proxy = proxy
+        self.backend = backend
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.idle_since = 0.0
+        self.closed = False
+        self._reason = b""
+        self._headers: list[bytes] = []
+        self._framing = b""
+        self._interim = False
+        self._out_chunked = False
+        self._until_close = False
+        self._retrying = False
+        self._in_message = False
+        self._pending: list[bytes] = []
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # NB: uvloop's transports are not asyncio.Transport subclasses; no isinstance here.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            # A worker does not speak unasked; whatever it is, this connection is done.
+            self.close()
+            return
+        exchange.deadline = self.proxy.now() + self.proxy.config.upstream_timeout_s
+        if not self._in_message and self._fast_response(data, exchange):
+            return
+        client = exchange.client
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._flush(client)
+            self.proxy.upstream_broken(self, f"bad response from worker: {exc}")
+            return
+        self._flush(client)
+
+    def _flush(self, client: ClientConnection) -> None:
+        # One write per read: a response's head and body leave in one syscall.
+        if self._pending:
+            client.write(b"".join(self._pending) if len(self._pending) > 1 else self._pending[0])
+            self._pending = []
+
+    def _fast_response(self, data: bytes, exchange: Exchange) -> bool:
+        """Relays ``data`` when it is exactly one plain response with a Content-Length.
+
+        The same strict subset as the request side; interim, bodiless, chunked and
+        partial responses go through httptools.
+        """
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or exchange.method == "HEAD":
+            return False
+        head = data[:end]
+        lines = head.split(b"\r\n")
+        status_line = lines[0]
+        code = status_line[9:12]
+        if (
+            head.count(b"\n") != len(lines) - 1
+            or status_line[:9] != b"HTTP/1.1 "
+            or not code.isdigit()
+            or code[:1] == b"1"
+            or code in (b"204", b"304")
+        ):
+            return False
+        length = -1
+        keep_alive = True
+        kept: list[bytes] = []
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not name or name[:1] in HEADER_WS or name[-1:] in HEADER_WS:
+                return False
+            lname = name.lower()
+            if lname in HOP_BY_HOP:
+                if lname == b"content-length":
+                    value = value.strip(b" \t")
+                    if length >= 0 or not value.isdigit():
+                        return False
+                    length = int(value)
+                elif lname == b"connection":
+                    keep_alive = b"close" not in value.lower()
+                elif lname == b"transfer-encoding" or lname == b"upgrade":
+                    return False
+                continue
+            kept.append(line)
+        if length < 0 or len(data) - end - 4 != length:
+            return False
+        if code == b"503" and self.proxy.may_replay_refusal(exchange):
+            self.proxy.replay_refused(self, exchange)
+            return True
+        exchange.responded = True
+        kept.append(b"Content-Length: %d" % length)
+        if not exchange.keep_alive:
+            kept.append(b"Connection: close")
+        exchange.client.write(
+            b"HTTP/1.1 %b\r\nX-Request-Id: %b\r\n%b\r\n\r\n%b"
+            % (status_line[9:], exchange.request_id.encode(), b"\r\n".join(kept), data[end + 4 :])
+        )
+        self.proxy.finish(self, reuse=keep_alive and not self.closed)
+        return True
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        exchange = self.exchange
+        if exchange is None:
+            self.proxy.forget_idle(self)
+            return
+        if self._until_close and exchange.responded:
+            self.on_message_complete()
+            return
+        self.proxy.upstream_broken(
+            self, "worker closed the connection" if exc is None else str(exc)
+        )
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.resume_reading()
+
+    # -- httptools callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_message = True
+        self._headers = []
+        self._framing = b""
+        self._reason = b""
+        self._until_close = False
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lname = name.lower()
+        if lname in HOP_BY_HOP:
+            if lname == b"transfer-encoding" or lname == b"content-length":
+                self._framing = lname
+                if lname == b"content-length":
+                    self._headers.append(b"Content-Length: %b\r\n" % value)
+            return
+        self._headers.append(b"%b: %b\r\n" % (name, value))
+
+    def on_headers_complete(self) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            return
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            self._interim = True
+            if status != 101:
+                self._pending.append(
+                    b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, self._reason, b"".join(self._headers))
+                )
+            return
+        if status == 503 and self.proxy.may_replay_refusal(exchange):
+            # The worker left routing (draining) and refused the request unread: try another.
+            self._retrying = True
+            return
+        self._interim = False
+        exchange.responded = True
+        head = self._headers
+        no_body = exchange.method == "HEAD" or status in (204, 304)
+        if no_body:
+            self._out_chunked = False
+        elif self._framing == b"transfer-encoding":
+            if exchange.http10:
+                exchange.keep_alive = False
+                self._out_chunked = False
+            else:
+                head.append(b"Transfer-Encoding: chunked\r\n")
+                self._out_chunked = True
+        elif self._framing == b"":
+            # Read until the worker closes: the client gets chunks, or a close under HTTP/1.0.
+            self._until_close = True
+            if exchange.http10:
+                exchange.keep_alive = False
+                self._out_chunked = False
+            else:
+                head.append(b"Transfer-Encoding: chunked\r\n")
+                self._out_chunked = True
+        else:
+            self._out_chunked = False
+        if not exchange.keep_alive:
+            head.append(b"Connection: close\r\n")
+        self._pending.append(
+            b"HTTP/1.1 %d %b\r\nX-Request-Id: %b\r\n%b\r\n"
+            % (status, self._reason, exchange.request_id.encode(), b"".join(head))
+        )
+        if exchange.method == "HEAD":
+            self._flush(exchange.client)
+            # httptools cannot be told a response has no body; never reuse this connection.
+            self.proxy.finish(self, reuse=False)
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None or self._retrying:
+            return
+        self._pending.append(frame_chunk(body) if self._out_chunked else body)
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        if self._interim:
+            self._interim = False
+            return
+        exchange = self.exchange
+        if exchange is None:
+            return
+        if self._retrying:
+            self._retrying = False
+            self.proxy.replay_refused(self, exchange)
+            return
+        if self._out_chunked:
+            self._pending.append(b"0\r\n\r\n")
+        self._flush(exchange.client)
+        self.proxy.finish(
+            self,
+            reuse=not self._until_close and not self.closed and self.parser.should_keep_alive(),
+        )
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
