@@ -1,12 +1,12 @@
 """The balancer's reverse proxy: HTTP/1.1 in, HTTP/1.1 to the live workers of a pool.
 
 ``Proxy`` owns the listening socket, the routing table of each pool, the per-worker
-keep-alive pools of upstream connections, dispatch and retries, the activator (requests
-held while a pool scales from zero) and health (passive ejection on a connect failure,
-active probes that bring a worker back). It does not decide which workers exist:
-``api.endpoints`` hands it the routable set, and it never writes to the registry. Backend
-choice is ``api.balancer``'s. ``api.balancer_cli`` runs it; tests and
-``hack/bench_balancer.py`` drive it directly.
+keep-alive pools of upstream connections, dispatch and retries, timeouts and health
+(passive ejection on a connect failure, active probes that bring a worker back).
+Requests held while a pool scales from zero wait in ``api.proxy_activator``. It does
+not decide which workers exist: ``api.endpoints`` hands it the routable set, and it
+never writes to the registry. Backend choice is ``api.balancer``'s. ``api.balancer_cli``
+runs it; tests and ``hack/bench_balancer.py`` drive it directly.
 
 The hot path is a pair of ``asyncio.Protocol`` objects with httptools parsers, not an
 aiohttp app: ``api.proxy_client`` parses a request once and rewrites its head, and
@@ -31,13 +31,14 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from api.balancer import Backend, Strategy, make_strategy
+from api.balancer import Backend, make_strategy
 from api.endpoints import ControlPlane, PoolInfo
+from api.proxy_activator import Activator, PoolTable
 from api.proxy_client import ClientConnection
-from api.proxy_exchange import REASONS, Exchange, error_body
+from api.proxy_exchange import REASONS, Exchange, Reply, error_body
 from api.proxy_upstream import UpstreamConnection
 from controller import logfields
 
@@ -69,28 +70,6 @@ class ProxyConfig:
     sweep_interval_s: float = 0.25
 
 
-class _Reply(Exception):
-    """An answer the proxy makes itself (404, 502, 503, 504)."""
-
-    def __init__(self, status: int, message: str, *, retry_after_s: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after_s = retry_after_s
-
-
-@dataclass
-class _Pool:
-    """The routing table of one pool, and the requests waiting for its first worker."""
-
-    name: str
-    strategy: Strategy
-    backends: list[Backend] = field(default_factory=list)
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
-    last_request_at: float = 0.0
-    refused: bool = False
-    asking: asyncio.Task[None] | None = None
-
-
 class Proxy:
     """The balancer's proxy server: routing table, connection pools, activator and probes."""
 
@@ -104,7 +83,7 @@ class Proxy:
         self.control = control
         self.config = config or ProxyConfig()
         self.now = clock
-        self.pools: dict[str, _Pool] = {}
+        self.pools: dict[str, PoolTable] = {}
         self.routable: dict[str, Backend] = {}
         self.load: dict[str, int] = {}
         self.idle: dict[str, list[UpstreamConnection]] = {}
@@ -123,6 +102,14 @@ class Proxy:
         self._servers: list[asyncio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._slow: set[asyncio.Task[None]] = set()
+        self.activator = Activator(
+            control,
+            config=self.config,
+            choose=self._choose,
+            stats=self.stats,
+            tasks=self._slow,
+            clock=clock,
+        )
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -141,7 +128,7 @@ class Proxy:
         self._tasks = [
             loop.create_task(self._sweep(), name="balancer-sweep"),
             loop.create_task(self._probe_loop(), name="balancer-probes"),
-            loop.create_task(self._demand_loop(), name="balancer-demand"),
+            loop.create_task(self.activator.demand_loop(self.pools), name="balancer-demand"),
         ]
         bound: int = server.sockets[0].getsockname()[1]
         return bound
@@ -181,7 +168,7 @@ class Proxy:
             pool = self._pool(name)
             pool.backends = sorted(by_pool.get(name, []), key=lambda b: b.worker_id)
             if self._choose(pool) is not None:
-                self._wake(pool)
+                pool.wake()
         for worker_id in left:
             self.ejected.pop(worker_id, None)
             self.load.pop(worker_id, None)
@@ -195,29 +182,23 @@ class Proxy:
         for conn in [c for c in self.busy if c.backend.worker_id == worker_id]:
             self.upstream_broken(conn, "the worker is gone")
 
-    def _pool(self, name: str, info: PoolInfo | None = None) -> _Pool:
+    def _pool(self, name: str, info: PoolInfo | None = None) -> PoolTable:
         pool = self.pools.get(name)
         if pool is None:
             strategy_name = info.strategy if info is not None else self.config.default_strategy
-            pool = _Pool(name=name, strategy=make_strategy(strategy_name))
+            pool = PoolTable(name=name, strategy=make_strategy(strategy_name))
             self.pools[name] = pool
         elif info is not None and info.strategy != pool.strategy.name:
             pool.strategy = make_strategy(info.strategy)
         return pool
 
-    def _choose(self, pool: _Pool, exclude: set[str] | None = None) -> Backend | None:
+    def _choose(self, pool: PoolTable, exclude: set[str] | None = None) -> Backend | None:
         ejected = self.ejected
         if ejected:
             skip = set(ejected) if exclude is None else exclude | set(ejected)
         else:
             skip = exclude or set()
         return pool.strategy.pick(pool.backends, self.load, exclude=skip)
-
-    def _wake(self, pool: _Pool) -> None:
-        waiters, pool.waiters = pool.waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
 
     # -- request flow -------------------------------------------------------------------
 
@@ -255,92 +236,32 @@ class Proxy:
                 # NB: reuse the fast path's choice, or a rotating strategy would skip a turn.
                 backend, chosen = chosen or self._choose(pool, exchange.tried), None
                 if backend is None:
-                    backend = await self._activate(pool, exchange)
+                    backend = await self.activator.hold(pool, exchange)
                 conns = self.idle.get(backend.worker_id)
                 conn = conns.pop() if conns else await self._connect(backend, exchange)
                 if conn is not None:
                     self._send(exchange, backend, conn)
                     return
                 self.stats["retries"] += 1
-            raise _Reply(502, f"no worker of pool {pool.name!r} could be reached")
-        except _Reply as reply:
+            raise Reply(502, f"no worker of pool {pool.name!r} could be reached")
+        except Reply as reply:
             self.reply_error(exchange, reply)
         except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("balancer failed to route a request")
-            self.reply_error(exchange, _Reply(502, "balancer error; see its log"))
+            self.reply_error(exchange, Reply(502, "balancer error; see its log"))
         finally:
             exchange.task = None
 
-    async def _pool_for(self, name: str) -> _Pool:
+    async def _pool_for(self, name: str) -> PoolTable:
         info = self.control.pools().get(name)
         if info is None:
             await self.control.refresh_pools()
             info = self.control.pools().get(name)
         if info is None:
-            raise _Reply(404, f"unknown pool {name!r}")
+            raise Reply(404, f"unknown pool {name!r}")
         return self._pool(name, info)
-
-    async def _activate(self, pool: _Pool, exchange: Exchange) -> Backend:
-        """Holds the request until the pool has a routable worker (scale from zero)."""
-        info = self.control.pools().get(pool.name)
-        if info is not None and info.max_replicas == 0:
-            raise _Reply(
-                503,
-                f"pool {pool.name!r} has max 0 replicas",
-                retry_after_s=self.config.retry_after_s,
-            )
-        self.stats["activations"] += 1
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.activation_timeout_s
-        pool.refused = False
-        while True:
-            backend = self._choose(pool, exchange.tried)
-            if backend is None and exchange.tried:
-                # Every worker failed once for this request; a fresh one may have joined since.
-                backend = self._choose(pool)
-            if backend is not None:
-                return backend
-            if pool.refused:
-                raise _Reply(
-                    503,
-                    f"pool {pool.name!r} cannot scale up",
-                    retry_after_s=self.config.retry_after_s,
-                )
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise _Reply(
-                    503,
-                    f"no worker of pool {pool.name!r} became ready within "
-                    f"{self.config.activation_timeout_s:g}s",
-                    retry_after_s=self.config.retry_after_s,
-                )
-            self._ask_capacity(pool)
-            waiter: asyncio.Future[None] = loop.create_future()
-            pool.waiters.append(waiter)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(waiter, timeout=min(remaining, 1.0))
-
-    def _ask_capacity(self, pool: _Pool) -> None:
-        if pool.asking is not None:
-            return
-
-        async def ask() -> None:
-            try:
-                answer = await self.control.request_capacity(pool.name)
-                if answer is False:
-                    pool.refused = True
-                    self._wake(pool)
-                else:
-                    # Asked (or unsure): ask again a little later while requests still wait.
-                    await asyncio.sleep(self.config.demand_interval_s)
-            finally:
-                pool.asking = None
-
-        pool.asking = asyncio.get_running_loop().create_task(ask(), name=f"activate-{pool.name}")
-        self._slow.add(pool.asking)
-        pool.asking.add_done_callback(self._slow.discard)
 
     async def _connect(self, backend: Backend, exchange: Exchange) -> UpstreamConnection | None:
         """Opens a connection; a failure ejects the worker and returns None (nothing was sent)."""
@@ -483,7 +404,7 @@ class Proxy:
             exchange.method,
             why,
         )
-        self.reply_error(exchange, _Reply(502, f"the worker failed before answering: {why}"))
+        self.reply_error(exchange, Reply(502, f"the worker failed before answering: {why}"))
 
     def abandon(self, exchange: Exchange) -> None:
         """The client went away: cancel the wait, or drop the half-used upstream connection."""
@@ -497,7 +418,7 @@ class Proxy:
             self._release(exchange)
             exchange.upstream = None
 
-    def reply_error(self, exchange: Exchange, reply: _Reply) -> None:
+    def reply_error(self, exchange: Exchange, reply: Reply) -> None:
         client = exchange.client
         if client.closed:
             return
@@ -579,17 +500,7 @@ class Proxy:
                     )
                     pool = self.pools.get(backend.pool)
                     if pool is not None:
-                        self._wake(pool)
-
-    async def _demand_loop(self) -> None:
-        """Tells the reconciler a pool with traffic is wanted, so it does not go to zero."""
-        while True:
-            await asyncio.sleep(self.config.demand_interval_s)
-            horizon = self.now() - self.config.demand_interval_s
-            for pool in list(self.pools.values()):
-                if pool.last_request_at >= horizon:
-                    with contextlib.suppress(Exception):
-                        await self.control.request_capacity(pool.name)
+                        pool.wake()
 
     async def _sweep(self) -> None:
         """Times out slow workers (504), idle pooled connections and idle clients."""
@@ -629,7 +540,7 @@ class Proxy:
             exchange.closing = True
             exchange.client.close()
             return
-        self.reply_error(exchange, _Reply(504, "the worker did not answer in time"))
+        self.reply_error(exchange, Reply(504, "the worker did not answer in time"))
 
     def snapshot(self) -> dict[str, Any]:
         """Counters and the routing table, for status pages and tests."""

@@ -2,10 +2,10 @@
 
 Owns ``Exchange`` (a client request on its way through one or more upstream tries: the
 rewritten head, the body held for a replay, which worker has it and what was sent) and
-the small vocabulary of the wire: hop-by-hop header names, reason phrases, chunk framing
-and the JSON error body. It does no I/O and makes no decisions: ``api.proxy_client``
-fills an exchange, ``api.proxy.Proxy`` routes and retries it, and
-``api.proxy_upstream`` relays its response. Internal to the proxy modules.
+the small vocabulary of the wire: hop-by-hop header names, reason phrases, chunk framing,
+the JSON error body and ``Reply`` (an answer the proxy makes itself). It does no I/O and
+makes no decisions: ``api.proxy_client`` fills an exchange, ``api.proxy.Proxy`` routes
+and retries it, and ``api.proxy_upstream`` relays its response. Internal to the proxy.
 """
 
 from __future__ import annotations
@@ -101,3 +101,12 @@ def frame_chunk(data: bytes) -> bytes:
 
 def error_body(status: int, message: str, request_id: str) -> bytes:
     return json.dumps({"error": message, "status": status, "requestId": request_id}).encode()
+
+
+class Reply(Exception):
+    """An answer the proxy makes itself (404, 502, 503, 504)."""
+
+    def __init__(self, status: int, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s

@@ -1,0 +1,141 @@
+"""The proxy's per-pool routing entry, and the activator that scales a pool from zero.
+
+Owns ``PoolTable`` (one pool's routing table and the requests waiting for its first
+worker) and ``Activator``: it holds a request while its pool has no routable worker,
+asks the control plane for capacity (once at a time per pool, again while requests
+wait), gives up with a 503 when the pool cannot scale or no worker is ready in time,
+and keeps telling the control plane that a pool with traffic is wanted. It does not
+choose a backend or fill the tables: ``api.proxy.Proxy`` does both, creates the
+activator, and calls ``hold`` from its slow dispatch path only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from api.balancer import Backend, Strategy
+from api.endpoints import ControlPlane
+from api.proxy_exchange import Exchange, Reply
+
+if TYPE_CHECKING:
+    from api.proxy import ProxyConfig
+
+
+@dataclass
+class PoolTable:
+    """The routing table of one pool, and the requests waiting for its first worker."""
+
+    name: str
+    strategy: Strategy
+    backends: list[Backend] = field(default_factory=list)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    last_request_at: float = 0.0
+    refused: bool = False
+    asking: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        """Lets every held request look for a worker again."""
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class Activator:
+    """Holds requests for a pool with no routable worker until one is ready, or gives up.
+
+    ``choose`` is the proxy's backend choice (ejected workers and ``exclude`` skipped);
+    ``stats`` and ``tasks`` are the proxy's own counters and set of background tasks, so
+    that its snapshot counts activations and its ``close`` cancels the capacity asks.
+    """
+
+    def __init__(
+        self,
+        control: ControlPlane,
+        *,
+        config: ProxyConfig,
+        choose: Callable[[PoolTable, set[str] | None], Backend | None],
+        stats: dict[str, int],
+        tasks: set[asyncio.Task[None]],
+        clock: Callable[[], float],
+    ) -> None:
+        self._control = control
+        self._config = config
+        self._choose = choose
+        self._stats = stats
+        self._tasks = tasks
+        self._now = clock
+
+    async def hold(self, pool: PoolTable, exchange: Exchange) -> Backend:
+        """Holds the request until the pool has a routable worker (scale from zero)."""
+        info = self._control.pools().get(pool.name)
+        if info is not None and info.max_replicas == 0:
+            raise Reply(
+                503,
+                f"pool {pool.name!r} has max 0 replicas",
+                retry_after_s=self._config.retry_after_s,
+            )
+        self._stats["activations"] += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.activation_timeout_s
+        pool.refused = False
+        while True:
+            backend = self._choose(pool, exchange.tried)
+            if backend is None and exchange.tried:
+                # Every worker failed once for this request; a fresh one may have joined since.
+                backend = self._choose(pool, None)
+            if backend is not None:
+                return backend
+            if pool.refused:
+                raise Reply(
+                    503,
+                    f"pool {pool.name!r} cannot scale up",
+                    retry_after_s=self._config.retry_after_s,
+                )
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise Reply(
+                    503,
+                    f"no worker of pool {pool.name!r} became ready within "
+                    f"{self._config.activation_timeout_s:g}s",
+                    retry_after_s=self._config.retry_after_s,
+                )
+            self._ask_capacity(pool)
+            waiter: asyncio.Future[None] = loop.create_future()
+            pool.waiters.append(waiter)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(waiter, timeout=min(remaining, 1.0))
+
+    def _ask_capacity(self, pool: PoolTable) -> None:
+        if pool.asking is not None:
+            return
+
+        async def ask() -> None:
+            try:
+                answer = await self._control.request_capacity(pool.name)
+                if answer is False:
+                    pool.refused = True
+                    pool.wake()
+                else:
+                    # Asked (or unsure): ask again a little later while requests still wait.
+                    await asyncio.sleep(self._config.demand_interval_s)
+            finally:
+                pool.asking = None
+
+        pool.asking = asyncio.get_running_loop().create_task(ask(), name=f"activate-{pool.name}")
+        self._tasks.add(pool.asking)
+        pool.asking.add_done_callback(self._tasks.discard)
+
+    async def demand_loop(self, pools: Mapping[str, PoolTable]) -> None:
+        """Tells the reconciler a pool with traffic is wanted, so it does not go to zero."""
+        while True:
+            await asyncio.sleep(self._config.demand_interval_s)
+            horizon = self._now() - self._config.demand_interval_s
+            for pool in list(pools.values()):
+                if pool.last_request_at >= horizon:
+                    with contextlib.suppress(Exception):
+                        await self._control.request_capacity(pool.name)
