@@ -230,8 +230,10 @@ class WorkerServer(ThreadingHTTPServer):
 
 class TaskHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    # Headers and body go out in two writes; with Nagle on, the body of every
-    # keep-alive response after the first waits ~40 ms for a delayed ACK.
+    # Buffer the answer so head and body leave in one write when the handler
+    # returns (socketserver flushes wfile after each request): a peer never sees
+    # a head without its body, and no Nagle/delayed-ACK stall can split them.
+    wbufsize = 64 * 1024
     disable_nagle_algorithm = True
     server_version = "shoal-worker/0.1"
     # Idle keep-alive connections are dropped after this long, so their threads end.
@@ -352,6 +354,9 @@ class TaskHandler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+        # One write for head and body; done here, not after the handler, so a
+        # drain that waits for ``replied`` knows the answer has left.
+        self.wfile.flush()
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         if self.server.config.log_requests:
