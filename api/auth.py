@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 TOKEN_ENV = "SHOAL_API_TOKEN"
 # Probes (Docker, Kubernetes, load balancers) rarely carry credentials; it says only "ok".
 OPEN_PATHS = frozenset({"/healthz"})
+# The dashboard's page and static files hold no data (that comes through the
+# guarded /v1/stream); a browser cannot attach a token to a <script src>.
+OPEN_PREFIXES = ("/dashboard/",)
 MIN_TOKEN_LENGTH = 16
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -76,7 +79,9 @@ def bearer_middleware(token: str) -> Middleware:
 
     @web.middleware
     async def check_bearer(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in OPEN_PATHS:
+        if request.path in OPEN_PATHS or (
+            request.method == "GET" and request.path.startswith(OPEN_PREFIXES)
+        ):
             return await handler(request)
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
         if not scheme and request.method == "GET" and "access_token" in request.query:

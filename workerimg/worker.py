@@ -243,6 +243,10 @@ class TaskHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         state = self.server.state
+        # A GET may carry a body: it must be consumed, or its bytes would be read
+        # as the next request on this keep-alive connection (request smuggling).
+        if self._read_body() is None:
+            return
         if path == "/healthz":
             if state.draining:
                 self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "draining"})

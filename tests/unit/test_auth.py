@@ -99,18 +99,22 @@ async def test_auth_lets_the_right_token_through(
     assert metrics.status == 200
 
 
-async def test_auth_guards_every_route_but_healthz(
+async def test_auth_guards_every_route_but_healthz_and_the_dashboard_assets(
     guarded: tuple[TestClient[Any, Any], Controller],
 ) -> None:
     client, controller = guarded
     assert (await client.get("/healthz")).status == 200
+    # Static files hold no data, and a browser cannot put a token on <script src>.
+    assert (await client.get("/dashboard/app.js")).status == 200
+    assert (await client.get("/dashboard/style.css")).status == 200
+    assert (await client.post("/dashboard/app.js", data=b"{}")).status == 401
     checked = 0
     for route in client.app.router.routes():
         if route.resource is None or route.method in ("HEAD", "OPTIONS"):
             continue
         path = route.resource.canonical.replace("{id}", "x").replace("{pool}", "default")
         path = path.replace("{name}", "app.js")
-        if path == "/healthz":
+        if path in ("/healthz", "/dashboard/app.js"):
             continue
         response = await client.request(route.method, path, data=b"{}")
         assert response.status == 401, (route.method, path)

@@ -245,6 +245,30 @@ def test_worker_keeps_the_connection_alive_between_requests(start_worker):
         conn.close()
 
 
+def test_worker_consumes_a_get_body_so_it_cannot_smuggle_a_request(start_worker):
+    """Bytes in a GET's body must never be read as the next request on the connection."""
+    worker = start_worker()
+    smuggled = b"GET /metrics HTTP/1.1\r\nHost: w\r\nX-Ignore: "
+    first = (
+        b"GET /healthz HTTP/1.1\r\nHost: w\r\nContent-Length: "
+        + str(len(smuggled)).encode()
+        + b"\r\n\r\n"
+        + smuggled
+    )
+    second = b"GET /healthz HTTP/1.1\r\nHost: w\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as sock:
+        sock.sendall(first + second)
+        reader = sock.makefile("rb")
+        bodies = []
+        for _ in range(2):
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            bodies.append(json.loads(reader.read(length)))
+    assert bodies == [{"status": "ok"}, {"status": "ok"}]
+
+
 def test_worker_answers_404_for_unknown_routes(start_worker):
     worker = start_worker()
     assert worker.request("GET", "/nope")[0] == 404
