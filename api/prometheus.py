@@ -181,7 +181,7 @@ class ShoalCollector(Collector):
         r = self._r
         outcomes = CounterMetricFamily(
             "shoal_task_outcomes",
-            "Delivery attempts by outcome (succeeded, retry, failed, released, ...).",
+            "Delivery attempts by outcome (succeeded, retry, dead, failed, released, ...).",
             labels=["outcome"],
         )
         for outcome, count in sorted(r.outcomes.items()):

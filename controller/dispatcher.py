@@ -77,7 +77,7 @@ class Outcome:
 
     task_id: str
     worker: str
-    kind: str  # "succeeded" | "released" | "failed" | "retry" | "lost-lease"
+    kind: str  # "succeeded" | "released" | "failed" | "retry" | "dead" | "lost-lease"
     duration_s: float
     detail: str = ""
 
@@ -294,7 +294,10 @@ class Dispatcher:
             state,
             extra={**log_extra, logfields.ATTEMPT: task.attempts},
         )
-        return ("failed" if permanent else "retry"), False, True
+        if permanent:
+            return "failed", False, True
+        # Out of attempts: the queue moved it to dead, and metrics must say so.
+        return ("dead" if state == "dead" else "retry"), False, True
 
     def _observe_success(
         self, task: Task, worker: WorkerRecord, span: Span, *, reply: Any, wall_s: float
