@@ -43,6 +43,12 @@ class ResultBody(_Body):
     permanent: bool = False
 
 
+class ActivateBody(_Body):
+    """Optional: the balancer's requests in flight to the pool, counted as work."""
+
+    in_flight: int | None = Field(default=None, ge=0, le=1_000_000, alias="inFlight")
+
+
 class HeartbeatBody(_Body):
     worker: str = Field(min_length=1, max_length=128)
     lease_s: float | None = Field(default=None, gt=0, le=86400)

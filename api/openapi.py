@@ -22,7 +22,14 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from api.models import DequeueBody, DispatchBody, EnqueueBody, HeartbeatBody, ResultBody
+from api.models import (
+    ActivateBody,
+    DequeueBody,
+    DispatchBody,
+    EnqueueBody,
+    HeartbeatBody,
+    ResultBody,
+)
 from controller.queues.base import TASK_STATES
 
 OPENAPI_VERSION = "3.1.0"
@@ -34,6 +41,7 @@ _BODY_MODELS: tuple[type[BaseModel], ...] = (
     DequeueBody,
     ResultBody,
     HeartbeatBody,
+    ActivateBody,
 )
 
 
@@ -420,11 +428,13 @@ def _status_operations() -> dict[str, dict[str, Any]]:
             "post": {
                 "summary": "Ask for at least one worker in a pool (scale from zero)",
                 "parameters": [_path_param("pool", "The pool name.")],
+                "requestBody": {**_body(ActivateBody), "required": False},
                 "responses": {
                     "202": _json_response(
                         "Capacity was asked for.",
                         _object({"pool": _STR, "requested": {"type": "boolean"}}),
                     ),
+                    "400": _BAD,
                     "404": _UNKNOWN,
                     "409": _error("The pool allows no worker (max 0)."),
                 },

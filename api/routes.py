@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from api.keys import CONTROLLER, MAX_BODY_BYTES
 from api.models import (
+    ActivateBody,
     DequeueBody,
     DispatchBody,
     EnqueueBody,
@@ -417,6 +418,10 @@ async def activate(request: web.Request) -> web.Response:
     pool = request.match_info["pool"]
     if controller.store.get(pool) is None:
         raise UnknownPool(pool)
+    if request.can_read_body:
+        body = await read_body(request, ActivateBody)
+        if body.in_flight is not None:
+            controller.reconciler.report_sync_load(pool, in_flight=body.in_flight)
     if not controller.reconciler.request_capacity(pool):
         return json_error(409, f"pool {pool!r} has max 0 replicas", headers={"Retry-After": "5"})
     return web.json_response({"pool": pool, "requested": True}, status=202)

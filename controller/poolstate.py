@@ -57,6 +57,9 @@ class PoolRuntimeState:
     counts: QueueCounts = field(default_factory=QueueCounts)
     # Synchronous traffic (the balancer's activator) that wants a worker until then.
     demand_until: float = -math.inf  # monotonic
+    # The balancer's requests in flight, counted as work until ``sync_until``.
+    sync_in_flight: int = 0
+    sync_until: float = -math.inf  # monotonic
 
 
 def ewma(previous: float | None, sample: float, *, alpha: float = 0.3) -> float:

@@ -141,6 +141,18 @@ class Reconciler:
         self.wake()
         return True
 
+    def report_sync_load(self, pool: str, *, in_flight: int, hold_s: float = 10.0) -> None:
+        """The balancer's requests in flight to ``pool`` now; they count as work in flight.
+
+        The autoscaler otherwise sees only the queue, so a pool serving only
+        synchronous traffic would never grow. A report lasts ``hold_s`` unless renewed.
+        """
+        state = self.pools.setdefault(pool, PoolRuntimeState())
+        state.sync_in_flight = max(0, in_flight)
+        state.sync_until = self._clock() + hold_s
+        if in_flight > 0:
+            self.wake()
+
     def on_task_done(self, pool: str, run_s: float) -> None:
         state = self.pools.get(pool)
         if state is not None:
@@ -368,7 +380,7 @@ class Reconciler:
         metrics = PoolMetrics(
             now_s=now,
             queued=counts.queued,
-            in_flight=counts.running,
+            in_flight=counts.running + (state.sync_in_flight if now < state.sync_until else 0),
             ready=sum(1 for w in workers if w.state == "ready"),
             starting=sum(1 for w in workers if w.state == "starting") + pending,
             draining=sum(1 for w in workers if w.state == "draining"),

@@ -231,3 +231,15 @@ async def test_request_capacity_wakes_a_pool_at_zero_unless_max_is_zero(
     await rig.pass_()
     assert granted is (max_replicas > 0)
     assert len(rig.runtime.started()) == max_replicas
+
+
+async def test_balancer_load_counts_as_work_in_flight_until_it_lapses(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, manifest(max=4))
+    rig.reconciler.report_sync_load("default", in_flight=3, hold_s=10.0)
+    await rig.pass_()
+    assert rig.reconciler.pools["default"].desired == 3
+
+    rig.clock.now += 11.0  # the report was not renewed
+    await rig.pass_()
+    decision = rig.reconciler.pools["default"].decision
+    assert decision is not None and "backlog 0" in decision.reason
