@@ -170,11 +170,14 @@ async def list_tasks(request: web.Request) -> web.Response:
         raise BadRequest("limit must be an integer") from exc
     if not 1 <= limit <= 1000:
         raise BadRequest("limit must be between 1 and 1000")
+    after = request.query.get("after")
+    if after is not None and await controller.queue.get(after) is None:
+        raise BadRequest(f"after={after!r} is not a task id; use the 'next' of the previous page")
     tasks = await controller.queue.list(
         pool=pool,
         state=_as_state(state),
         limit=limit,
-        after=request.query.get("after"),
+        after=after,
     )
     page: dict[str, Any] = {"items": [t.to_json() for t in tasks]}
     if len(tasks) == limit:

@@ -567,6 +567,11 @@ class LoadRun:
         pools = body.get("pools")
         pool = pools.get(self._config.pool) if isinstance(pools, dict) else None
         desired = pool.get("desired") if isinstance(pool, dict) else None
+        if isinstance(pool, dict):
+            # This pool's own workers, not every pool's.
+            ready, starting = pool.get("ready"), pool.get("starting")
+            if isinstance(ready, int) and isinstance(starting, int):
+                replicas = ready + starting
         worker_ids = body.get("workerIds")
         if isinstance(worker_ids, list):
             self._worker_ids = tuple(str(w) for w in worker_ids)

@@ -339,10 +339,14 @@ def cancelled(task: Task, *, now: float) -> Task:
 
 
 def redriven(task: Task) -> Task:
+    # A fresh start: the last worker and error belong to the run that ended;
+    # ``history`` keeps every worker that ever held it.
     return replace(
         task,
         state="queued",
         attempts=0,
+        worker=None,
+        error=None,
         result=None,
         finished_at=None,
         lease_expires_at=None,

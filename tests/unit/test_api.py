@@ -111,6 +111,7 @@ BAD_GETS = [
     pytest.param("/tasks?limit=many", 400, id="tasks-limit-text"),
     pytest.param("/tasks?limit=0", 400, id="tasks-limit-zero"),
     pytest.param("/tasks?pool=nope", 404, id="tasks-unknown-pool"),
+    pytest.param("/tasks?after=garbage", 400, id="tasks-unknown-cursor"),
     pytest.param("/v1/workers?watch=true&resourceVersion=x", 400, id="watch-bad-version"),
     pytest.param("/no-such-endpoint", 404, id="unknown-path"),
 ]

@@ -257,6 +257,8 @@ async def test_redrive_requeues_dead_and_failed_with_fresh_attempts(queue: TaskQ
         again = await queue.redrive(task_id)
         assert again is not None and again.state == "queued" and again.attempts == 0
         assert again.finished_at is None
+        assert (again.worker, again.error) == (None, None), "a fresh start shows no stale run"
+        assert again.history == ("w",)
     leased = [await queue.lease("default", worker="w", lease_s=30) for _ in range(2)]
     assert {t.id for t in leased if t} == {dead.id, bad.id}
 
