@@ -61,6 +61,8 @@ class ProxyConfig:
     max_tries: int = 3
     # Request bodies up to this size are kept so that a refused request can be replayed.
     replay_limit_bytes: int = 64 * 1024
+    # A request head (431) or a worker's response head (502) larger than this is refused.
+    max_head_bytes: int = 64 * 1024
     probe_interval_s: float = 1.0
     probe_path: str = "/healthz"
     retry_after_s: int = 5
@@ -367,8 +369,11 @@ class Proxy:
         self._slow.add(task)
         task.add_done_callback(self._slow.discard)
 
-    def upstream_broken(self, conn: UpstreamConnection, why: str) -> None:
-        """The worker's connection failed mid-exchange: retry if safe, else 502 or cut."""
+    def upstream_broken(self, conn: UpstreamConnection, why: str, *, retry: bool = True) -> None:
+        """The worker's connection failed mid-exchange: retry if safe, else 502 or cut.
+
+        ``retry=False`` is for an answer the worker did give but that cannot be relayed.
+        """
         exchange = conn.exchange
         conn.exchange = None
         self.busy.discard(conn)
@@ -392,7 +397,7 @@ class Proxy:
             exchange.client.close()
             return
         safe = exchange.method in _IDEMPOTENT and exchange.replayable and exchange.body_done
-        if safe and exchange.attempts < self.config.max_tries:
+        if retry and safe and exchange.attempts < self.config.max_tries:
             self.stats["retries"] += 1
             self._redispatch(exchange)
             return

@@ -30,6 +30,10 @@ _REQUEST_OWN = frozenset(
 _FAST_METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
 _FAST_REFUSED = frozenset({b"expect"})
 _HIGH_WATER = 256 * 1024
+# After a refusal, what the client still sends is read and dropped for this long (or this
+# much) before the close, so that the close does not reset the refusal away.
+_LINGER_S = 2.0
+_LINGER_BYTES = 4 * 1024 * 1024
 POOL_HEADER_B = POOL_HEADER.encode()
 
 
@@ -54,6 +58,9 @@ class ClientConnection(asyncio.Protocol):
         self._request_id = b""
         self._framing = b""
         self._in_message = False
+        self._in_head = False
+        self._head_bytes = 0
+        self._linger_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -68,6 +75,9 @@ class ClientConnection(asyncio.Protocol):
         self.proxy.clients.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            self._drop(data)
+            return
         if not self._in_message and not self.queue and self._fast_request(data):
             return
         try:
@@ -76,6 +86,12 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(501, "protocol upgrades are not supported by the balancer")
         except httptools.HttpParserError as exc:
             self._refuse(400, f"malformed request: {exc}")
+            return
+        if self._in_head:
+            # httptools buffers a header it has not seen the end of: bound what it may hold.
+            self._head_bytes += len(data)
+            if self._head_bytes > self.proxy.config.max_head_bytes:
+                self._refuse_large_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -100,6 +116,8 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._in_message = True
+        self._in_head = True
+        self._head_bytes = 0
         self._url = b""
         self._headers = []
         self._host = b""
@@ -132,6 +150,13 @@ class ClientConnection(asyncio.Protocol):
         self._headers.append(b"%b: %b\r\n" % (name, value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self.closed:
+            return
+        size = len(self._url) + sum(len(line) for line in self._headers)
+        if size > self.proxy.config.max_head_bytes:
+            self._refuse_large_head()
+            return
         parser = self.parser
         self._open(
             parser.get_method(),
@@ -191,7 +216,7 @@ class ClientConnection(asyncio.Protocol):
         skips httptools' per-header callbacks; anything else goes to httptools whole.
         """
         end = data.find(b"\r\n\r\n")
-        if end < 0:
+        if end < 0 or end > self.proxy.config.max_head_bytes:
             return False
         head = data[:end]
         lines = head.split(b"\r\n")
@@ -315,7 +340,36 @@ class ClientConnection(asyncio.Protocol):
             b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
             b"Connection: close\r\n\r\n%b" % (status, REASONS[status].encode(), len(body), body)
         )
-        self.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Half-closes, drops what the client still sends for a moment, then closes.
+
+        Closing a socket with unread input sends a reset, which can destroy the answer
+        before the client reads it (RFC 9112 section 9.6 asks for a graceful close).
+        """
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        for exchange in self.queue:
+            self.proxy.abandon(exchange)
+        self.queue.clear()
+        self.closed = True
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._linger_bytes = _LINGER_BYTES
+        asyncio.get_running_loop().call_later(_LINGER_S, transport.close)
+
+    def _drop(self, data: bytes) -> None:
+        self._linger_bytes -= len(data)
+        if self._linger_bytes < 0 and self.transport is not None:
+            self.transport.close()
+
+    def _refuse_large_head(self) -> None:
+        limit_kib = self.proxy.config.max_head_bytes // 1024
+        self._refuse(431, f"request head (request line and headers) over {limit_kib} KiB")
 
     def done(self, exchange: Exchange) -> None:
         """The response of ``exchange`` was written whole; move on to the next request."""

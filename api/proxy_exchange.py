@@ -35,6 +35,9 @@ HOP_BY_HOP = frozenset(
 REASONS = {
     400: "Bad Request",
     404: "Not Found",
+    411: "Length Required",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
     501: "Not Implemented",
     502: "Bad Gateway",
     503: "Service Unavailable",

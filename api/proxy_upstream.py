@@ -44,6 +44,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._until_close = False
         self._retrying = False
         self._in_message = False
+        self._in_head = False
+        self._head_bytes = 0
         self._pending: list[bytes] = []
 
     # -- asyncio.Protocol --------------------------------------------------------------
@@ -72,6 +74,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._flush(client)
             self.proxy.upstream_broken(self, f"bad response from worker: {exc}")
             return
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.proxy.config.max_head_bytes:
+                self._refuse_large_head()
+                return
         self._flush(client)
 
     def _flush(self, client: ClientConnection) -> None:
@@ -87,7 +94,7 @@ class UpstreamConnection(asyncio.Protocol):
         partial responses go through httptools.
         """
         end = data.find(b"\r\n\r\n")
-        if end < 0 or exchange.method == "HEAD":
+        if end < 0 or end > self.proxy.config.max_head_bytes or exchange.method == "HEAD":
             return False
         head = data[:end]
         lines = head.split(b"\r\n")
@@ -165,6 +172,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._in_message = True
+        self._in_head = True
+        self._head_bytes = 0
         self._headers = []
         self._framing = b""
         self._reason = b""
@@ -184,8 +193,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers.append(b"%b: %b\r\n" % (name, value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         exchange = self.exchange
         if exchange is None:
+            return
+        size = len(self._reason) + sum(len(line) for line in self._headers)
+        if size > self.proxy.config.max_head_bytes:
+            self._refuse_large_head()
             return
         status = self.parser.get_status_code()
         if 100 <= status < 200:
@@ -261,6 +275,13 @@ class UpstreamConnection(asyncio.Protocol):
         )
 
     # -- helpers ----------------------------------------------------------------------
+
+    def _refuse_large_head(self) -> None:
+        limit_kib = self.proxy.config.max_head_bytes // 1024
+        self._pending = []
+        self.proxy.upstream_broken(
+            self, f"the worker's response head is over {limit_kib} KiB", retry=False
+        )
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:

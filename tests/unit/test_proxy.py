@@ -81,6 +81,8 @@ class Worker:
             self.entered.set()
             await self.release.wait()
             return web.json_response({"error": "worker is draining"}, status=503)
+        if request.path == "/bighead":
+            return web.Response(text="x", headers={"X-Big": "b" * 70_000})
         if request.path == "/stall":
             await asyncio.sleep(30)
         if request.path == "/stream":
@@ -795,3 +797,61 @@ async def test_requests_in_flight_on_a_deleted_worker_end_at_once(
     else:
         assert "the worker is gone" in (await response.json())["error"]
     response.release()
+
+
+async def _head_refused(url: str, parts: list[bytes]) -> bytes:
+    """Sends ``parts`` one by one (stopping once the proxy hangs up) and reads the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    answer = asyncio.ensure_future(reader.read())
+    try:
+        for part in parts:
+            if answer.done():
+                break
+            writer.write(part)
+            await writer.drain()
+        return await asyncio.wait_for(answer, timeout=5)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["in-one-write", "endless-header"])
+async def test_a_request_head_over_64_kib_gets_431_and_a_close(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]], whole: bool
+) -> None:
+    h = await make_harness()
+    worker = await workers("a")
+    h.add(worker)
+    start = b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: "
+    if whole:
+        parts = [start + b"a" * 70_000 + b"\r\n\r\n"]
+    else:
+        # 16 MiB of one header value, bounded: the proxy must hang up long before the end.
+        parts = [start] + [b"a" * 16_384] * 1024
+    data = await _head_refused(h.url, parts)
+    assert data.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert b"Connection: close" in data and b'"status": 431' in data
+    assert worker.hits == []
+
+
+async def test_a_request_head_just_under_the_cap_is_forwarded(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
+) -> None:
+    h = await make_harness()
+    h.add(await workers("a"))
+    sent = {f"X-Big-{i}": "a" * 4000 for i in range(15)}  # 60 kB in all
+    async with h.session.get(f"{h.url}/echo", headers=sent) as response:
+        assert response.status == 200
+        assert (await response.json())["headers"]["x-big-14"] == "a" * 4000
+
+
+async def test_a_worker_response_head_over_64_kib_gets_502(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
+) -> None:
+    h = await make_harness()
+    worker = await workers("a")
+    h.add(worker)
+    async with h.session.get(f"{h.url}/bighead") as response:
+        assert response.status == 502
+        assert "over 64 KiB" in (await response.json())["error"]
+    assert worker.hits == ["/bighead"]
