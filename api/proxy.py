@@ -17,9 +17,10 @@ control. Errors become 502/503/504 JSON; a client never sees a traceback.
 
 Retries (issue 5): after a connect failure nothing was sent, so another worker
 is tried for any method; a request that a worker may have started is only
-retried when its method is idempotent; and a 503 from a worker that has left
-the routing table (Shoal's worker refuses new work with 503 once draining) is
-retried when the whole body is still held.
+retried when its method is idempotent. A worker refuses work unread with 503
+while it drains and with 429 when all its slots are busy: a 503 takes it out of
+routing until its next good probe, a 429 marks it full for a moment, and either
+way the request is replayed on another worker when its whole body is still held.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class ProxyConfig:
     probe_interval_s: float = 1.0
     probe_path: str = "/healthz"
     retry_after_s: int = 5
+    # A worker that answered 429 is not offered a replayed request for this long.
+    busy_backoff_s: float = 1.0
     default_strategy: str = "least-connections"
     # While a pool gets traffic, capacity is asked for this often so it stays above zero.
     demand_interval_s: float = 5.0
@@ -92,6 +95,8 @@ class Proxy:
         self.busy: set[UpstreamConnection] = set()
         self.clients: set[ClientConnection] = set()
         self.ejected: dict[str, Backend] = {}
+        # Workers that answered 429, until when they count as full.
+        self.full: dict[str, float] = {}
         self.stats: dict[str, int] = {
             "requests": 0,
             "retries": 0,
@@ -173,6 +178,7 @@ class Proxy:
                 pool.wake()
         for worker_id in left:
             self.ejected.pop(worker_id, None)
+            self.full.pop(worker_id, None)
             self.load.pop(worker_id, None)
             # NB: idle connections to a worker that left are closed now, so none is reused
             # after its container is stopped; requests in flight on it finish normally.
@@ -313,8 +319,10 @@ class Proxy:
             return
         self._release(exchange)
         exchange.upstream = None
-        if reuse and conn.backend.worker_id in self.routable and not conn.closed:
-            conns = self.idle.setdefault(conn.backend.worker_id, [])
+        worker_id = conn.backend.worker_id
+        ejected = self.ejected and worker_id in self.ejected
+        if reuse and worker_id in self.routable and not ejected and not conn.closed:
+            conns = self.idle.setdefault(worker_id, [])
             if len(conns) < self.config.max_idle_per_backend:
                 conn.idle_since = self.now()
                 conns.append(conn)
@@ -339,18 +347,36 @@ class Proxy:
         if conns and conn in conns:
             conns.remove(conn)
 
-    def may_replay_refusal(self, exchange: Exchange) -> bool:
+    def refused(self, exchange: Exchange, status: int) -> bool:
+        """A worker refused ``exchange`` unread (503 draining, 429 busy): True to replay it.
+
+        A 503 ejects the worker until a good probe (its ``/healthz`` answers 503 while it
+        drains) or until the registry drops it; a 429 marks it full for ``busy_backoff_s``.
+        The replay needs the whole body still held and a try left; after a 429 it also
+        needs a worker of the pool that is neither tried nor known to be full.
+        """
         backend = exchange.backend
-        return (
-            backend is not None
-            and backend.worker_id not in self.routable
-            and exchange.replayable
-            and exchange.body_done
-            and exchange.attempts < self.config.max_tries
-        )
+        if backend is None:
+            return False
+        now = self.now()
+        if status == 503:
+            self.eject(backend, "it answered 503 (draining)")
+        else:
+            self.full = {w: t for w, t in self.full.items() if t > now}
+            self.full[backend.worker_id] = now + self.config.busy_backoff_s
+        if not (
+            exchange.replayable and exchange.body_done and exchange.attempts < self.config.max_tries
+        ):
+            return False
+        if status == 503:
+            return True
+        pool = self.pools.get(exchange.pool)
+        # NB: full workers join ``tried``, so the replay's choice skips them too.
+        exchange.tried.update(self.full)
+        return pool is not None and self._choose(pool, exchange.tried) is not None
 
     def replay_refused(self, conn: UpstreamConnection, exchange: Exchange) -> None:
-        """A worker that left routing refused the request with 503; another worker gets it."""
+        """The worker refused the request unread (see ``refused``); another worker gets it."""
         conn.exchange = None
         self.busy.discard(conn)
         conn.close()
@@ -358,7 +384,7 @@ class Proxy:
         exchange.upstream = None
         exchange.sent = False
         self.stats["retries"] += 1
-        logger.debug("request %s refused by a draining worker; retrying", exchange.request_id)
+        logger.debug("request %s refused by a worker; retrying", exchange.request_id)
         self._redispatch(exchange)
 
     def _redispatch(self, exchange: Exchange) -> None:

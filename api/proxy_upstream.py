@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from api.proxy import Proxy
     from api.proxy_client import ClientConnection
 
+# A 429 passed on when every worker is busy: a slot frees within about a task's time.
+_RETRY_AFTER_BUSY = b"Retry-After: 1"
+
 
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to a worker, carrying one exchange at a time."""
@@ -130,9 +133,12 @@ class UpstreamConnection(asyncio.Protocol):
             kept.append(line)
         if length < 0 or len(data) - end - 4 != length:
             return False
-        if code == b"503" and self.proxy.may_replay_refusal(exchange):
-            self.proxy.replay_refused(self, exchange)
-            return True
+        if code == b"503" or code == b"429":
+            if self.proxy.refused(exchange, int(code)):
+                self.proxy.replay_refused(self, exchange)
+                return True
+            if code == b"429" and b"retry-after:" not in head.lower():
+                kept.append(_RETRY_AFTER_BUSY)
         exchange.responded = True
         kept.append(b"Content-Length: %d" % length)
         if not exchange.keep_alive:
@@ -209,13 +215,16 @@ class UpstreamConnection(asyncio.Protocol):
                     b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, self._reason, b"".join(self._headers))
                 )
             return
-        if status == 503 and self.proxy.may_replay_refusal(exchange):
-            # The worker left routing (draining) and refused the request unread: try another.
-            self._retrying = True
-            return
+        head = self._headers
+        if status == 503 or status == 429:
+            if self.proxy.refused(exchange, status):
+                # Refused unread (draining or busy): another worker gets it once this ends.
+                self._retrying = True
+                return
+            if status == 429 and not any(h[:12].lower() == b"retry-after:" for h in head):
+                head.append(_RETRY_AFTER_BUSY + b"\r\n")
         self._interim = False
         exchange.responded = True
-        head = self._headers
         no_body = exchange.method == "HEAD" or status in (204, 304)
         if no_body:
             self._out_chunked = False

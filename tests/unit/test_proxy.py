@@ -44,6 +44,7 @@ class Worker:
     entered: asyncio.Event = field(default_factory=asyncio.Event)
     runner: web.AppRunner | None = None
     hold_all: bool = False  # every request waits for ``release`` (a worker that hangs)
+    refuse_with: int | None = None  # 503 (draining) or 429 (busy) to every request
 
     async def start(self, port: int = 0) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -70,6 +71,10 @@ class Worker:
         if self.hold_all:
             self.entered.set()
             await self.release.wait()
+        if self.refuse_with == 503:
+            return web.json_response({"error": "worker is draining"}, status=503)
+        if self.refuse_with == 429:
+            return web.json_response({"error": "all 4 slots are busy"}, status=429)
         if request.path == "/hangup":
             assert request.transport is not None
             request.transport.close()
@@ -423,32 +428,97 @@ async def test_a_503_from_a_worker_that_left_routing_is_replayed_elsewhere(
     """The race of a drain: the request reached the worker just as it began draining."""
     h = await make_harness()
     a = await workers("a")
+    a.hold_all, a.refuse_with = True, 503
     a_id = h.add(a)
-    call = asyncio.ensure_future(h.session.post(f"{h.url}/hold", data=b"task"))
+    call = asyncio.ensure_future(h.session.post(f"{h.url}/echo", data=b"task"))
     await asyncio.wait_for(a.entered.wait(), timeout=5)
     b = await workers("b")
-    # b answers /hold with 503 at once; it is still routable, so its answer is final.
-    b.release.set()
     h.add(b)
     h.registry.mark_draining(a_id)
     a.release.set()
     response = await asyncio.wait_for(call, timeout=5)
-    assert response.status == 503
-    assert b.hits == ["/hold"]
+    assert response.status == 200
+    assert (await response.json())["worker"] == "b"
     assert h.proxy.stats["retries"] == 1
     response.release()
 
 
-async def test_a_503_from_a_routable_worker_reaches_the_client(
+async def test_a_503_from_a_routable_worker_is_replayed_and_ejects_it(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
+) -> None:
+    """``docker stop``: the worker drains itself before the registry hears of it."""
+    h = await make_harness()
+    a, b = await workers("a"), await workers("b")
+    a.refuse_with = 503
+    h.add(a)
+    h.add(b)
+    for _ in range(6):
+        async with h.session.post(f"{h.url}/echo", data=b"task") as response:
+            assert response.status == 200
+            assert (await response.json())["worker"] == "b"
+    assert len(a.hits) == 1, "a draining worker is asked once, then left out"
+    assert h.proxy.snapshot()["ejected"] == ["a"]
+    assert h.proxy.stats["retries"] == 1
+
+
+async def test_a_503_from_the_only_worker_falls_back_to_the_activator(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
+) -> None:
+    h = await make_harness(activation_timeout_s=0.3)
+    a = await workers("a")
+    a.refuse_with = 503
+    h.add(a)
+    async with h.session.post(f"{h.url}/echo", data=b"task") as response:
+        assert response.status == 503
+        assert "became ready within 0.3s" in (await response.json())["error"]
+    assert [path for path in a.hits if path != "/healthz"] == ["/echo"]
+    assert "/healthz" in a.hits, "an ejected worker is probed"
+    assert h.asked == ["default"]
+
+
+async def test_a_503_with_a_body_too_large_to_replay_reaches_the_client(
     make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
 ) -> None:
     h = await make_harness()
     a, b = await workers("a"), await workers("b")
+    a.refuse_with, b.refuse_with = 503, 503
     h.add(a)
     h.add(b)
-    async with h.session.post(f"{h.url}/refuse", data=b"task") as response:
+    async with h.session.post(f"{h.url}/echo", data=b"x" * (65 * 1024)) as response:
         assert response.status == 503
+        assert (await response.json())["error"] == "worker is draining"
     assert len(a.hits) + len(b.hits) == 1
+
+
+async def test_a_429_is_replayed_on_a_worker_with_room(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
+) -> None:
+    h = await make_harness()
+    a, b = await workers("a"), await workers("b")
+    a.refuse_with = 429
+    h.add(a)
+    h.add(b)
+    for _ in range(4):
+        async with h.session.post(f"{h.url}/echo", data=b"task") as response:
+            assert response.status == 200
+            assert (await response.json())["worker"] == "b"
+    assert h.proxy.snapshot()["ejected"] == [], "a busy worker is not ejected"
+    assert h.proxy.stats["retries"] >= 1
+
+
+async def test_a_429_from_every_worker_reaches_the_client_with_retry_after(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
+) -> None:
+    h = await make_harness()
+    busy = [await workers(name) for name in ("a", "b")]
+    for worker in busy:
+        worker.refuse_with = 429
+        h.add(worker)
+    async with h.session.post(f"{h.url}/echo", data=b"task") as response:
+        assert response.status == 429
+        assert response.headers["Retry-After"] == "1"
+        assert (await response.json())["error"] == "all 4 slots are busy"
+    assert sorted(len(w.hits) for w in busy) == [1, 1]
 
 
 async def test_a_worker_that_does_not_answer_in_time_gets_504(
