@@ -70,8 +70,9 @@ class ProxyConfig:
     # A worker that answered 429 is not offered a replayed request for this long.
     busy_backoff_s: float = 1.0
     default_strategy: str = "least-connections"
-    # While a pool gets traffic, capacity is asked for this often so it stays above zero.
-    demand_interval_s: float = 5.0
+    # While a pool gets traffic, capacity is asked for this often (each ask holds the pool
+    # above zero for twice as long), and its requests in flight are reported as load.
+    demand_interval_s: float = 1.0
     sweep_interval_s: float = 0.25
 
 
@@ -135,7 +136,9 @@ class Proxy:
         self._tasks = [
             loop.create_task(self._sweep(), name="balancer-sweep"),
             loop.create_task(self._probe_loop(), name="balancer-probes"),
-            loop.create_task(self.activator.demand_loop(self.pools), name="balancer-demand"),
+            loop.create_task(
+                self.activator.demand_loop(self.pools, self.load), name="balancer-demand"
+            ),
         ]
         bound: int = server.sockets[0].getsockname()[1]
         return bound

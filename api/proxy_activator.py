@@ -4,7 +4,8 @@ Owns ``PoolTable`` (one pool's routing table and the requests waiting for its fi
 worker) and ``Activator``: it holds a request while its pool has no routable worker,
 asks the control plane for capacity (once at a time per pool, again while requests
 wait), gives up with a 503 when the pool cannot scale or no worker is ready in time,
-and keeps telling the control plane that a pool with traffic is wanted. It does not
+and keeps telling the control plane that a pool with traffic is wanted and how many of
+its requests are in flight (about once a second, never per request). It does not
 choose a backend or fill the tables: ``api.proxy.Proxy`` does both, creates the
 activator, and calls ``hold`` from its slow dispatch path only.
 """
@@ -36,6 +37,7 @@ class PoolTable:
     last_request_at: float = 0.0
     refused: bool = False
     asking: asyncio.Task[None] | None = None
+    reported_in_flight: int = 0
 
     def wake(self) -> None:
         """Lets every held request look for a worker again."""
@@ -69,6 +71,9 @@ class Activator:
         self._stats = stats
         self._tasks = tasks
         self._now = clock
+        # NB: capacity is asked again every interval while wanted, so a short hold suffices
+        # and a pool whose traffic stopped may scale to zero soon after (its own policy).
+        self._hold_s = 2 * config.demand_interval_s
 
     async def hold(self, pool: PoolTable, exchange: Exchange) -> Backend:
         """Holds the request until the pool has a routable worker (scale from zero)."""
@@ -116,7 +121,7 @@ class Activator:
 
         async def ask() -> None:
             try:
-                answer = await self._control.request_capacity(pool.name)
+                answer = await self._control.request_capacity(pool.name, hold_s=self._hold_s)
                 if answer is False:
                     pool.refused = True
                     pool.wake()
@@ -130,12 +135,24 @@ class Activator:
         self._tasks.add(pool.asking)
         pool.asking.add_done_callback(self._tasks.discard)
 
-    async def demand_loop(self, pools: Mapping[str, PoolTable]) -> None:
-        """Tells the reconciler a pool with traffic is wanted, so it does not go to zero."""
+    async def demand_loop(self, pools: Mapping[str, PoolTable], load: Mapping[str, int]) -> None:
+        """Tells the reconciler which pools have traffic and their requests in flight.
+
+        Balancer traffic is invisible to the queue-based autoscaler: a pool with recent
+        requests asks for capacity (so it does not go to zero), and a pool's count of
+        requests in flight (``load`` by worker, plus those held here) is reported while
+        it is above zero and once more when it falls to zero.
+        """
+        interval_s = self._config.demand_interval_s
         while True:
-            await asyncio.sleep(self._config.demand_interval_s)
-            horizon = self._now() - self._config.demand_interval_s
+            await asyncio.sleep(interval_s)
+            horizon = self._now() - interval_s
             for pool in list(pools.values()):
+                in_flight = len(pool.waiters) + sum(load.get(b.worker_id, 0) for b in pool.backends)
+                if in_flight or pool.reported_in_flight:
+                    pool.reported_in_flight = in_flight
+                    with contextlib.suppress(Exception):
+                        await self._control.report_load(pool.name, in_flight)
                 if pool.last_request_at >= horizon:
                     with contextlib.suppress(Exception):
-                        await self._control.request_capacity(pool.name)
+                        await self._control.request_capacity(pool.name, hold_s=self._hold_s)

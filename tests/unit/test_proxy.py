@@ -127,7 +127,9 @@ class Harness:
     asked: list[str]
     clock: Clock
     session: aiohttp.ClientSession
-    capacity: Callable[[str], bool]
+    capacity: Callable[..., bool]
+    holds: list[float] = field(default_factory=list)
+    reports: list[tuple[str, int]] = field(default_factory=list)
 
     def add(self, worker: Worker, *, pool: str = "default", ready: bool = True) -> WorkerId:
         worker_id = WorkerId(f"id-{worker.name}")
@@ -156,14 +158,20 @@ async def make_harness() -> AsyncIterator[HarnessFactory]:
         registry = Registry()
         pools = {"default": PoolInfo("default", 4), "batch": PoolInfo("batch", 2)}
         asked: list[str] = []
+        holds: list[float] = []
+        reports: list[tuple[str, int]] = []
         answer = {"value": True}
 
-        def capacity(pool: str) -> bool:
+        def capacity(pool: str, *, hold_s: float) -> bool:
             asked.append(pool)
+            holds.append(hold_s)
             return answer["value"]
 
+        def report(pool: str, *, in_flight: int) -> None:
+            reports.append((pool, in_flight))
+
         control = RegistryControlPlane(
-            registry=registry, pools=lambda: pools, request_capacity=capacity
+            registry=registry, pools=lambda: pools, request_capacity=capacity, report_load=report
         )
         clock = Clock()
         settings: dict[str, Any] = {
@@ -184,6 +192,8 @@ async def make_harness() -> AsyncIterator[HarnessFactory]:
             clock=clock,
             session=session,
             capacity=capacity,
+            holds=holds,
+            reports=reports,
         )
         harness.answer = answer  # type: ignore[attr-defined]
         made.append(harness)
@@ -547,6 +557,7 @@ async def test_activator_holds_a_request_until_the_first_worker_is_ready(
             break
         await asyncio.sleep(0.01)
     assert h.asked == ["default"]
+    assert h.holds == [2 * h.proxy.config.demand_interval_s]
     assert not call.done()
     worker = await workers("a")
     worker_id = h.add(worker, ready=False)
@@ -837,6 +848,47 @@ async def test_a_pool_with_traffic_keeps_asking_for_capacity(
         assert response.status == 200
     await _until(lambda: "default" in h.asked)
     assert "batch" not in h.asked
+    assert set(h.holds) == {0.04}, "a hold of twice the interval, not a fixed 30 s"
+
+
+async def test_requests_in_flight_are_reported_while_above_zero_and_once_at_zero(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
+) -> None:
+    h = await make_harness(demand_interval_s=0.02)
+    a, b = await workers("a"), await workers("b")
+    a.hold_all = b.hold_all = True
+    h.add(a)
+    h.add(b)
+    calls = [asyncio.ensure_future(h.session.get(f"{h.url}/echo?n={i}")) for i in range(3)]
+    await _until(lambda: ("default", 3) in h.reports)
+    a.release.set()
+    b.release.set()
+    for call in calls:
+        (await call).release()
+    await _until(lambda: ("default", 0) in h.reports)
+    settled = len(h.reports)
+    for _ in range(10):
+        await asyncio.sleep(0.02)
+    assert len(h.reports) == settled, "no report while the pool stays at zero"
+    assert h.reports[-1] == ("default", 0) and h.reports.count(("default", 0)) == 1
+    assert {pool for pool, _ in h.reports} == {"default"}
+
+
+async def test_control_planes_pass_the_load_on_to_the_reconciler(controller: Controller) -> None:
+    local = RegistryControlPlane.from_controller(controller)
+    await local.report_load("default", 3)
+    assert controller.reconciler.pools["default"].sync_in_flight == 3
+
+    port = free_port()
+    runner = await _serve_api(controller, port)
+    remote = HttpControlPlane(f"http://127.0.0.1:{port}")
+    try:
+        await remote.start(lambda backends: None)
+        await remote.report_load("default", 5)
+        assert controller.reconciler.pools["default"].sync_in_flight == 5
+    finally:
+        await remote.close()
+        await runner.cleanup()
 
 
 @pytest.mark.parametrize(
