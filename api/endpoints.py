@@ -73,6 +73,10 @@ class ControlPlane(Protocol):
         """Reports the balancer's requests in flight to ``pool``; they count as work."""
         ...
 
+    def refused_by_controller(self) -> bool:
+        """True while the controller refuses this balancer's token (401/403)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -228,6 +232,9 @@ class RegistryControlPlane:
         if self._report_load is not None:
             self._report_load(pool, in_flight=in_flight)
 
+    def refused_by_controller(self) -> bool:
+        return False
+
     async def close(self) -> None:
         self._routable = None
 
@@ -276,6 +283,7 @@ class HttpControlPlane:
         self._listed = asyncio.Event()
         self.resource_version = 0
         self.lists = 0  # how many full lists were made (tests and status read it)
+        self._refused = False
 
     async def start(self, on_change: OnChange, on_gone: OnGone | None = None) -> None:
         self._routable = _RoutableSet(on_change, on_gone)
@@ -304,7 +312,26 @@ class HttpControlPlane:
         try:
             await self._read_pools()
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            logger.warning("cannot read pools from %s: %s", self.url, exc)
+            if not self._token_refused(exc):
+                logger.warning("cannot read pools from %s: %s", self.url, exc)
+
+    def refused_by_controller(self) -> bool:
+        return self._refused
+
+    def _token_refused(self, exc: BaseException) -> bool:
+        """True when ``exc`` is the controller's 401/403; logs the first such refusal."""
+        if not isinstance(exc, aiohttp.ClientResponseError) or exc.status not in (401, 403):
+            return False
+        if not self._refused:
+            self._refused = True
+            logger.error(
+                "the controller at %s refused the balancer's API token (%d %s); "
+                "set SHOAL_API_TOKEN or --api-token-file to the controller's token",
+                self.url,
+                exc.status,
+                exc.message,
+            )
+        return True
 
     async def request_capacity(self, pool: str, *, hold_s: float = 30.0) -> bool | None:
         # TODO: the activate API has no hold yet, so the controller holds its own default;
@@ -366,6 +393,10 @@ class HttpControlPlane:
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError) as exc:
                 failures += 1
                 delay = min(self._max_backoff_s, 0.1 * 2 ** min(failures, 8))
+                if self._token_refused(exc):
+                    # Logged once as an ERROR; only a new token (or controller) fixes it.
+                    await asyncio.sleep(delay)
+                    continue
                 logger.warning(
                     "following %s failed (attempt %d), retrying in %.1fs: %s",
                     self.url,
@@ -399,6 +430,9 @@ class HttpControlPlane:
         for worker_id in vanished:
             self._routable.gone(worker_id)
         self.lists += 1
+        if self._refused:
+            self._refused = False
+            logger.info("the controller at %s accepts the balancer's token again", self.url)
         if not self._listed.is_set():
             await self.refresh_pools()
             self._listed.set()

@@ -270,6 +270,12 @@ class Proxy:
         if info is None:
             await self.control.refresh_pools()
             info = self.control.pools().get(name)
+        if info is None and self.control.refused_by_controller():
+            raise Reply(
+                503,
+                "balancer cannot read the controller's workers",
+                retry_after_s=self.config.retry_after_s,
+            )
         if info is None:
             raise Reply(404, f"unknown pool {name!r}")
         return self._pool(name, info)

@@ -977,3 +977,39 @@ async def test_a_worker_response_head_over_64_kib_gets_502(
         assert response.status == 502
         assert "over 64 KiB" in (await response.json())["error"]
     assert worker.hits == ["/bighead"]
+
+
+async def test_a_standalone_balancer_whose_token_is_refused_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A wrong token is one ERROR in the log and a 503 to clients, not 404 unknown pool."""
+    seen: list[str] = []
+
+    async def refuse(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.json_response({"error": "unauthorized"}, status=401)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", refuse)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    control = HttpControlPlane(
+        f"http://127.0.0.1:{port}", token="wrong", max_backoff_s=0.02, first_list_timeout_s=0.1
+    )
+    proxy = Proxy(control)
+    proxy_port = await proxy.start(host="127.0.0.1", port=0)
+    try:
+        await _until(lambda: seen.count("/v1/workers") >= 4)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{proxy_port}/pools/default/x") as response:
+                assert response.status == 503
+                doc = await response.json()
+        assert doc["error"] == "balancer cannot read the controller's workers"
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "refused the balancer's API token" in errors[0].getMessage()
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    finally:
+        await proxy.close()
+        await runner.cleanup()
