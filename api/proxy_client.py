@@ -3,7 +3,9 @@
 Owns parsing requests (httptools, plus a strict fast path for a plain HTTP/1.1 request
 that arrives whole in one read), rewriting the head for a worker (hop-by-hop headers out;
 ``X-Forwarded-*`` and ``X-Request-Id`` in), answering pipelined requests in order,
-streaming request bodies with flow control, and refusing what it cannot parse (400/501).
+streaming request bodies with flow control (a chunked body, which workers refuse, is
+gathered up to the replay limit and sent with a Content-Length, else refused with 411),
+and refusing what it cannot parse (400/501) or a head over the limit (431).
 It does not choose workers, retry or time anything out: each parsed request becomes an
 ``Exchange`` handed to ``api.proxy.Proxy.dispatch``, which created this protocol.
 """
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from api.balancer import POOL_HEADER, route_of
-from api.proxy_exchange import HEADER_WS, HOP_BY_HOP, REASONS, Exchange, error_body, frame_chunk
+from api.proxy_exchange import HEADER_WS, HOP_BY_HOP, REASONS, Exchange, error_body
 
 if TYPE_CHECKING:
     from api.proxy import Proxy
@@ -185,8 +187,6 @@ class ClientConnection(asyncio.Protocol):
             extra.append(b"X-Forwarded-Host: %b\r\n" % self._host)
         if path is not self._url:
             extra.append(b"X-Forwarded-Prefix: /pools/%b\r\n" % pool.encode("latin-1"))
-        if exchange.chunked:
-            extra.append(b"Transfer-Encoding: chunked\r\n")
         exchange.head = b"%b %b HTTP/1.1\r\n%b%b\r\n" % (
             method,
             path,
@@ -202,6 +202,9 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._parsing = exchange
         self.queue.append(exchange)
+        if exchange.chunked:
+            # Dispatched once the whole body is in (``on_message_complete``).
+            return
         if len(self.queue) == 1:
             self.proxy.dispatch(exchange)
         else:
@@ -283,18 +286,30 @@ class ClientConnection(asyncio.Protocol):
         exchange = self._parsing
         if exchange is None:
             return
-        chunk = frame_chunk(body) if exchange.chunked else body
         exchange.body_size += len(body)
+        if exchange.chunked:
+            # Workers refuse chunked bodies (411): gather it, then send it with a length.
+            if exchange.body_size > self.proxy.config.replay_limit_bytes:
+                self._parsing = None
+                limit_kib = self.proxy.config.replay_limit_bytes // 1024
+                self._refuse(
+                    411,
+                    f"a chunked request body over {limit_kib} KiB is not accepted; "
+                    "send it with a Content-Length",
+                )
+                return
+            exchange.body.append(body)
+            return
         upstream = exchange.upstream
         if upstream is not None and exchange.sent:
-            upstream.write(chunk)
+            upstream.write(body)
             if exchange.replayable and exchange.body_size <= self.proxy.config.replay_limit_bytes:
-                exchange.body.append(chunk)
+                exchange.body.append(body)
             else:
                 exchange.replayable = False
                 exchange.body.clear()
         else:
-            exchange.body.append(chunk)
+            exchange.body.append(body)
             if exchange.body_size > self.proxy.config.replay_limit_bytes:
                 # Held until a worker is found; stop reading so memory stays bounded.
                 self.pause_reading()
@@ -307,11 +322,10 @@ class ClientConnection(asyncio.Protocol):
             return
         exchange.body_done = True
         if exchange.chunked:
-            if exchange.upstream is not None and exchange.sent:
-                exchange.upstream.write(b"0\r\n\r\n")
-                exchange.body.append(b"0\r\n\r\n")
-            else:
-                exchange.body.append(b"0\r\n\r\n")
+            exchange.chunked = False
+            exchange.head = exchange.head[:-2] + b"Content-Length: %d\r\n\r\n" % exchange.body_size
+            if self.queue and self.queue[0] is exchange:
+                self.proxy.dispatch(exchange)
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -379,6 +393,6 @@ class ClientConnection(asyncio.Protocol):
         if not exchange.keep_alive or exchange.closing or not exchange.body_done:
             self.close()
             return
-        if self.queue:
+        if self.queue and not self.queue[0].chunked:
             self.proxy.dispatch(self.queue[0])
         self.resume_reading()

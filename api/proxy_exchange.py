@@ -81,7 +81,7 @@ class Exchange:
         self.request_id = ""
         self.keep_alive = True
         self.http10 = False
-        self.chunked = False
+        self.chunked = False  # its chunked body is still being gathered (not dispatched yet)
         # Body bytes not yet written upstream, then (up to the replay limit) kept for a replay.
         self.body: list[bytes] = []
         self.body_size = 0

@@ -265,16 +265,7 @@ async def test_proxy_streams_large_bodies_both_ways(
     h = await make_harness()
     h.add(await workers("a"))
     payload = bytes(range(256)) * (5 * 4096)  # 5 MiB
-
-    async def chunks() -> AsyncIterator[bytes]:
-        for start in range(0, len(payload), 256 * 1024):
-            yield payload[start : start + 256 * 1024]
-
     async with h.session.post(f"{h.url}/upload", data=io.BytesIO(payload)) as response:
-        doc = await response.json()
-    assert doc["size"] == len(payload)
-    assert doc["sha"] == hashlib.sha256(payload).hexdigest()
-    async with h.session.post(f"{h.url}/upload-chunked", data=chunks()) as response:
         doc = await response.json()
     assert doc["size"] == len(payload)
     assert doc["sha"] == hashlib.sha256(payload).hexdigest()
@@ -1013,3 +1004,55 @@ async def test_a_standalone_balancer_whose_token_is_refused_says_so(
     finally:
         await proxy.close()
         await runner.cleanup()
+
+
+async def test_a_chunked_request_body_is_forwarded_with_a_content_length(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
+) -> None:
+    """Workers refuse chunked bodies (411); the balancer de-chunks those it can hold."""
+    h = await make_harness()
+    h.add(await workers("a"))
+    payload = bytes(range(256)) * 200  # 50 kB
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(payload), 7000):
+            yield payload[start : start + 7000]
+
+    async with h.session.post(f"{h.url}/upload", data=chunks()) as response:
+        assert response.status == 200
+        doc = await response.json()
+    assert doc["size"] == len(payload)
+    assert doc["sha"] == hashlib.sha256(payload).hexdigest()
+    assert doc["headers"]["content-length"] == str(len(payload))
+    assert "transfer-encoding" not in doc["headers"]
+
+
+async def test_a_chunked_request_body_over_the_replay_limit_gets_411(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
+) -> None:
+    h = await make_harness()
+    worker = await workers("a")
+    h.add(worker)
+    chunk = b"4000\r\n" + b"x" * 0x4000 + b"\r\n"  # 16 KiB per chunk
+    head = b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    data = await _head_refused(h.url, [head] + [chunk] * 64 + [b"0\r\n\r\n"])
+    assert data.startswith(b"HTTP/1.1 411 Length Required\r\n")
+    assert b"send it with a Content-Length" in data
+    assert worker.hits == []
+
+
+async def test_pipelined_requests_after_a_chunked_one_keep_their_order(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
+) -> None:
+    h = await make_harness()
+    h.add(await workers("a"))
+    data = await _raw(
+        h.url,
+        b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /second HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+        b"GET /third HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    assert data.count(b"HTTP/1.1 200 ") == 3
+    assert data.index(b"/first") < data.index(b"/second") < data.index(b"/third")
+    assert b'"size": 5' in data
