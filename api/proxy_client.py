@@ -37,6 +37,7 @@ _HIGH_WATER = 256 * 1024
 _LINGER_S = 2.0
 _LINGER_BYTES = 4 * 1024 * 1024
 POOL_HEADER_B = POOL_HEADER.encode()
+POOLS_PREFIX = b"/pools/"
 
 
 class ClientConnection(asyncio.Protocol):
@@ -174,7 +175,13 @@ class ClientConnection(asyncio.Protocol):
         exchange.http10 = http10
         exchange.chunked = self._framing == b"transfer-encoding"
         exchange.request_id = self.proxy.request_id(self._request_id)
-        pool, path = route_of(self._url, self._pool_header)
+        url = self._url
+        if url[:1] != b"/":
+            url = self._origin_form(url)
+        pool, path = route_of(url, self._pool_header)
+        if path is url and url.startswith(POOLS_PREFIX):
+            # ``/pools//x`` names no pool: unknown (404), not the default pool.
+            pool = ""
         exchange.pool = pool
         forwarded_for = (
             self._forwarded_for + b", " + self.peer if self._forwarded_for else self.peer
@@ -185,7 +192,7 @@ class ClientConnection(asyncio.Protocol):
         ]
         if self._host:
             extra.append(b"X-Forwarded-Host: %b\r\n" % self._host)
-        if path is not self._url:
+        if path is not url:
             extra.append(b"X-Forwarded-Prefix: /pools/%b\r\n" % pool.encode("latin-1"))
         exchange.head = b"%b %b HTTP/1.1\r\n%b%b\r\n" % (
             method,
@@ -210,6 +217,25 @@ class ClientConnection(asyncio.Protocol):
         else:
             # A pipelined request waits for the one before it; stop reading meanwhile.
             self.pause_reading()
+
+    def _origin_form(self, target: bytes) -> bytes:
+        """The path and query of an absolute-form target; its authority becomes the host.
+
+        RFC 9112 section 3.2.2: a server must accept ``GET http://host/path``, and the
+        authority in it wins over a Host header. Other targets are returned as they are.
+        """
+        scheme, sep, rest = target.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            return target
+        cut = len(rest)
+        for delimiter in (b"/", b"?"):
+            at = rest.find(delimiter)
+            if at != -1 and at < cut:
+                cut = at
+        if cut:
+            self._host = rest[:cut]
+        path = rest[cut:]
+        return path if path.startswith(b"/") else b"/" + path
 
     def _fast_request(self, data: bytes) -> bool:
         """Handles ``data`` when it is exactly one plain HTTP/1.1 request; else returns False.

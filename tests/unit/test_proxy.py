@@ -1056,3 +1056,33 @@ async def test_pipelined_requests_after_a_chunked_one_keep_their_order(
     assert data.count(b"HTTP/1.1 200 ") == 3
     assert data.index(b"/first") < data.index(b"/second") < data.index(b"/third")
     assert b'"size": 5' in data
+
+
+async def test_a_pools_path_without_a_name_is_an_unknown_pool(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
+) -> None:
+    h = await make_harness()
+    worker = await workers("a")
+    h.add(worker)
+    data = await _raw(h.url, b"GET /pools//x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 404 ")
+    assert b"unknown pool" in data
+    assert worker.hits == []
+
+
+async def test_an_absolute_form_target_is_routed_like_origin_form(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
+) -> None:
+    h = await make_harness()
+    h.add(await workers("a"))
+    h.add(await workers("b"), pool="batch")
+    data = await _raw(
+        h.url,
+        b"GET http://shoal.example/pools/batch/echo?q=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET HTTP://shoal.example?z=2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    first, second = data.split(b"HTTP/1.1 200 ")[1:]
+    assert b'"worker": "b"' in first and b'"path": "/echo?q=1"' in first
+    assert b'"x-forwarded-host": "shoal.example"' in first
+    assert b'"x-forwarded-prefix": "/pools/batch"' in first
+    assert b'"worker": "a"' in second and b'"path": "/?z=2"' in second
