@@ -328,3 +328,45 @@ async def test_a_killed_worker_is_ejected_and_gets_requests_are_retried_elsewher
     assert report.errors == [], report.errors[:5]
     assert set(report.statuses) == {200}, report.statuses
     assert report.total > 50
+
+
+async def test_a_worker_stopped_from_outside_drains_without_503s_reaching_clients(
+    tmp_path: Path, docker_client: object, worker_image: str, instance_label: str
+) -> None:
+    """``docker stop``: the worker drains itself (503s) before the registry hears of it."""
+    import docker
+
+    assert isinstance(docker_client, docker.DockerClient)
+    path = tmp_path / "pool.yaml"
+    path.write_text(manifest(image=worker_image, min_replicas=2))
+    async with shoal(path, instance=instance_label, mode="in-process") as running:
+        ctl = running.controller
+        await until(lambda: len(_ready(ctl)) >= 2, timeout_s=90, what="2 ready workers")
+        victim = ctl.registry.list("default")[0]
+        stop = asyncio.Event()
+        report = LoadReport()
+        traffic = asyncio.ensure_future(
+            load(running.url, stop, report, n_clients=8, max_requests=200_000)
+        )
+        try:
+            await asyncio.sleep(1.0)
+            container = docker_client.containers.get(victim.worker_id)
+            await asyncio.to_thread(container.stop, timeout=10)
+            await until(
+                lambda: (
+                    victim.worker_id not in {w.worker_id for w in ctl.registry.list()}
+                    and len(_ready(ctl)) >= 2
+                ),
+                timeout_s=90,
+                what="the stopped worker to be replaced",
+            )
+            await asyncio.sleep(1.0)
+        finally:
+            stop.set()
+            await asyncio.wait_for(traffic, timeout=60)
+
+    print(f"\n[docker stop] {report.total} requests, statuses {dict(report.statuses)}")
+    assert report.errors == [], report.errors[:5]
+    assert report.bad == [], report.bad[:5]
+    assert set(report.statuses) == {200}, report.statuses
+    assert report.total > 50
