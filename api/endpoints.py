@@ -334,14 +334,12 @@ class HttpControlPlane:
         return True
 
     async def request_capacity(self, pool: str, *, hold_s: float = 30.0) -> bool | None:
-        # TODO: the activate API has no hold yet, so the controller holds its own default;
-        # a shorter hold_s cannot reach it; drop once the body takes a hold.
-        return await self._activate(pool, None)
+        return await self._activate(pool, {"holdS": hold_s})
 
     async def report_load(self, pool: str, in_flight: int) -> None:
         await self._activate(pool, {"inFlight": in_flight})
 
-    async def _activate(self, pool: str, body: dict[str, int] | None) -> bool | None:
+    async def _activate(self, pool: str, body: dict[str, float] | None) -> bool | None:
         session = self._session
         if session is None:
             return None

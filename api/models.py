@@ -15,7 +15,8 @@ MAX_KEY_LENGTH = 200
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # strict: `true` is not 1 second and "3" is not 3 attempts.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
 
 class EnqueueBody(_Body):
@@ -47,6 +48,8 @@ class ActivateBody(_Body):
     """Optional: the balancer's requests in flight to the pool, counted as work."""
 
     in_flight: int | None = Field(default=None, ge=0, le=1_000_000, alias="inFlight")
+    # How long the ask for capacity holds; without it a load report asks for none.
+    hold_s: float | None = Field(default=None, gt=0, le=3600, alias="holdS")
 
 
 class HeartbeatBody(_Body):

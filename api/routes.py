@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
@@ -59,11 +60,19 @@ class BadRequest(Exception):
 async def read_body(request: web.Request, model: type[BodyT]) -> BodyT:
     # The body is read as JSON whatever the Content-Type says: curl's -d sends
     # application/x-www-form-urlencoded, and refusing that helps nobody.
+    declared = request.content_length
+    if declared is not None and declared > request.app[MAX_BODY_BYTES]:
+        # Refused on the declaration, before waiting for a body we would not keep.
+        raise BadRequest(
+            f"request body too large (limit {request.app[MAX_BODY_BYTES]} bytes)", status=413
+        )
     raw = await request.read()
     if not raw.strip():
         raise BadRequest("request body is empty; send a JSON object")
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError as exc:
+        raise BadRequest("request body is nested too deeply") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
@@ -74,6 +83,19 @@ async def read_body(request: web.Request, model: type[BodyT]) -> BodyT:
         problems = describe_validation_error(exc)
         summary = "; ".join(f"{p['field']}: {p['reason']}" for p in problems)
         raise BadRequest(f"invalid request: {summary}", problems=problems) from exc
+
+
+def _refuse_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON (RFC 8259): stored, they would break every
+    # client that reads the task back.
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a JSON number")
+    return value
 
 
 def _controller(request: web.Request) -> Controller:
@@ -421,13 +443,20 @@ async def activate(request: web.Request) -> web.Response:
     pool = request.match_info["pool"]
     if controller.store.get(pool) is None:
         raise UnknownPool(pool)
-    if request.can_read_body:
-        body = await read_body(request, ActivateBody)
-        if body.in_flight is not None:
-            controller.reconciler.report_sync_load(pool, in_flight=body.in_flight)
-    if not controller.reconciler.request_capacity(pool):
+    body = await read_body(request, ActivateBody) if request.can_read_body else ActivateBody()
+    if body.in_flight is not None:
+        controller.reconciler.report_sync_load(pool, in_flight=body.in_flight)
+    # A load report alone holds no capacity; an ask without a hold gets the default.
+    hold_s = (
+        body.hold_s if body.hold_s is not None else (None if body.in_flight is not None else 30.0)
+    )
+    if hold_s is None:
+        granted = controller.store.pools[pool].spec.replicas.max > 0
+    else:
+        granted = controller.reconciler.request_capacity(pool, hold_s=hold_s)
+    if not granted:
         return json_error(409, f"pool {pool!r} has max 0 replicas", headers={"Retry-After": "5"})
-    return web.json_response({"pool": pool, "requested": True}, status=202)
+    return web.json_response({"pool": pool, "requested": hold_s is not None}, status=202)
 
 
 @web.middleware

@@ -303,7 +303,11 @@ def load_pools(path: Path) -> list[WorkerPool]:
             text = file.read_text(encoding="utf-8")
         except OSError as exc:
             raise PolicyError(str(file), [f"cannot read: {exc.strerror or exc}"]) from exc
-        pools.extend(parse_pools(text, source=str(file)))
+        found = parse_pools(text, source=str(file))
+        if not found:
+            # An editor that truncates before writing must not tear the pools down.
+            raise PolicyError(str(file), ["declares no WorkerPool (empty or only comments)"])
+        pools.extend(found)
 
     names = [p.name for p in pools]
     duplicates = sorted({n for n in names if names.count(n) > 1})

@@ -76,6 +76,16 @@ BAD_POSTS = [
     ),
     pytest.param("/enqueue-task", b'{"max_attempts": 0}', 400, id="enqueue-zero-attempts"),
     pytest.param("/enqueue-task", b"\xff\xfe", 400, id="enqueue-not-utf8"),
+    pytest.param("/enqueue-task", b'{"payload": 1e999}', 400, id="enqueue-infinite-number"),
+    pytest.param("/enqueue-task", b'{"payload": NaN}', 400, id="enqueue-nan"),
+    pytest.param(
+        "/enqueue-task",
+        b'{"payload": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+        400,
+        id="enqueue-nested-too-deeply",
+    ),
+    pytest.param("/enqueue-task", b'{"work_seconds": true}', 400, id="enqueue-bool-seconds"),
+    pytest.param("/enqueue-task", b'{"max_attempts": "3"}', 400, id="enqueue-string-attempts"),
     pytest.param("/dispatch-task", b'{"timeout_s": -3}', 400, id="dispatch-negative-timeout"),
     pytest.param("/dispatch-task", b'{"pool": "nope"}', 404, id="dispatch-unknown-pool"),
     pytest.param("/dequeue-task", b"{}", 400, id="dequeue-missing-worker"),
@@ -197,3 +207,15 @@ async def test_cancel_only_queued_tasks(client: TestClient[Any, Any]) -> None:
     refused = await client.post(f"/tasks/{running['id']}/cancel")
     assert refused.status == 409
     assert (await (await client.get(f"/tasks/{running['id']}")).json())["state"] == "running"
+
+
+async def test_activate_takes_a_load_report_without_holding_capacity(
+    client: TestClient[Any, Any],
+) -> None:
+    report = await client.post("/v1/pools/default/activate", json={"inFlight": 3})
+    assert report.status == 202
+    assert (await report.json())["requested"] is False
+    ask = await client.post("/v1/pools/default/activate", json={"holdS": 2.0})
+    assert (await ask.json())["requested"] is True
+    bad = await client.post("/v1/pools/default/activate", json={"inFlight": -1})
+    assert bad.status == 400
