@@ -354,7 +354,8 @@ class Dispatcher:
                     # Full or draining: our slot count was stale. Skip it briefly.
                     self._full_until[worker.worker_id] = self._clock() + 0.2
                     return "released", f"worker answered {response.status}"
-                if response.status == 422:
+                if response.status in (400, 422):
+                    # The worker refused the task itself: another attempt gets the same answer.
                     return "failed", _error_text(text) or "task rejected by worker"
                 return "retry", f"worker answered {response.status}: {_error_text(text)}"
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:

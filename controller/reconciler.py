@@ -55,6 +55,9 @@ _MAX_EVENTS = 1000
 _CRASH_WINDOW_S = 120.0
 _BACKOFF_CAP_S = 60.0
 _YOUNG_S = 10.0
+# A ready worker failing this many probes in a row (2 s apart) is frozen: it is killed.
+_STUCK_PROBES = 10
+_START_TIMEOUT_S = 60.0
 
 
 class Reconciler:
@@ -374,7 +377,7 @@ class Reconciler:
         now = self._clock()
         counts = await self._queue.counts(name)
         state.counts = counts
-        workers = self._registry.list(name)
+        workers = self._replace_stuck(self._registry.list(name), state)
         pending = len(state.pending_spawns)
 
         metrics = PoolMetrics(
@@ -415,6 +418,44 @@ class Reconciler:
         )
         for action in actions:
             self._apply(name, pool, state, action)
+
+    def _replace_stuck(
+        self, workers: list[WorkerRecord], state: PoolRuntimeState
+    ) -> list[WorkerRecord]:
+        """Kills workers that are running but useless; returns the others.
+
+        A frozen worker (failing every probe) or one that never became ready
+        keeps its container "running", so relist alone would never replace it,
+        and a task it holds would never come back. Killing it breaks the open
+        delivery, so the task is retried elsewhere.
+        """
+        now = self._wall_clock()
+        kept = []
+        for worker in workers:
+            if worker.state == "ready" and worker.probe_failures >= _STUCK_PROBES:
+                reason = f"failed {worker.probe_failures} health checks in a row"
+            elif worker.state == "starting" and now - worker.created_at > _START_TIMEOUT_S:
+                reason = f"not ready {_START_TIMEOUT_S:.0f}s after it started"
+            else:
+                kept.append(worker)
+                continue
+            if worker.worker_id not in self._stopping:
+                logger.warning(
+                    "replacing worker %s (%s): %s",
+                    worker.name,
+                    worker.short_id,
+                    reason,
+                    extra={
+                        logfields.POOL: worker.pool,
+                        logfields.CONTAINER_ID: worker.short_id,
+                        logfields.CONTAINER_NAME: worker.name,
+                        logfields.HOST_PORT: worker.host_port,
+                        logfields.REASON: reason,
+                    },
+                )
+                state.crashes.append(self._clock())
+                self._stop_in_background(worker.worker_id, name=worker.name, grace_s=0.0)
+        return kept
 
     def _record_decision(self, name: str, state: PoolRuntimeState, decision: Decision) -> None:
         previous = state.desired

@@ -102,6 +102,7 @@ async def make_rig() -> AsyncIterator[Any]:
     [
         pytest.param(200, 3, "succeeded", "succeeded", 1, id="200-acks"),
         pytest.param(422, 3, "failed", "failed", 1, id="422-fails-for-good"),
+        pytest.param(400, 3, "failed", "failed", 1, id="400-fails-for-good"),
         pytest.param(500, 3, "retry", "queued", 1, id="500-retries"),
         pytest.param(500, 1, "dead", "dead", 1, id="500-on-last-attempt-is-dead"),
         pytest.param(429, 3, "released", "queued", 0, id="429-gives-the-lease-back"),

@@ -243,3 +243,35 @@ async def test_balancer_load_counts_as_work_in_flight_until_it_lapses(tmp_path: 
     await rig.pass_()
     decision = rig.reconciler.pools["default"].decision
     assert decision is not None and "backlog 0" in decision.reason
+
+
+async def test_a_frozen_worker_is_killed_and_replaced(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, manifest(max=1))
+    await rig.enqueue(1)
+    rig.clock.now += 1
+    await rig.pass_()
+    [frozen] = rig.registry.list("default")
+    rig.registry.mark_ready(frozen.worker_id)
+    for _ in range(10):
+        rig.registry.mark_unhealthy(frozen.worker_id, eject=True)
+
+    rig.clock.now += 1
+    await rig.pass_()
+    rig.clock.now += 1
+    await rig.pass_()
+
+    assert frozen.worker_id in rig.runtime.stopped()
+    assert len(rig.runtime.started()) == 2, "a replacement starts"
+
+
+async def test_a_worker_that_never_becomes_ready_is_replaced(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, manifest(max=1))
+    await rig.enqueue(1)
+    rig.clock.now += 1
+    await rig.pass_()
+    [stuck] = rig.registry.list("default")
+
+    rig.clock.now += 61
+    await rig.pass_()
+
+    assert stuck.worker_id in rig.runtime.stopped()
