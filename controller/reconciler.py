@@ -639,11 +639,12 @@ class Reconciler:
                 await self._runtime.stop(worker_id, grace_s=grace_s)
                 self._registry.remove(worker_id)
                 if reason:
+                    port = record.host_port if record else None
                     logger.info(
-                        "stopped worker %s (%s) on 127.0.0.1:%s: %s",
+                        "stopped worker %s (%s)%s: %s",
                         name,
                         worker_id[:12],
-                        record.host_port if record else None,
+                        f" on 127.0.0.1:{port}" if port else "",
                         reason,
                         extra={
                             logfields.CONTAINER_ID: worker_id[:12],

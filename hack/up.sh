@@ -36,6 +36,8 @@ if [[ -f "$state_dir/shoal.pid" ]] && kill -0 "$(cat "$state_dir/shoal.pid")" 2>
     log "Shoal already runs (pid $(cat "$state_dir/shoal.pid")); hack/down.sh stops it"
     exit 1
 fi
+# Keep the previous run's log: after a crash it is what tells why.
+[[ -f "$state_dir/shoal.log" ]] && mv -f "$state_dir/shoal.log" "$state_dir/shoal.log.1"
 nohup "${cmd[@]}" >"$state_dir/shoal.log" 2>&1 &
 pid=$!
 echo "$pid" >"$state_dir/shoal.pid"
