@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-HACK = Path(__file__).resolve().parents[2] / "hack"
+HACK_DIR = Path(__file__).resolve().parents[2] / "hack"
 BUSY = "a" * 64
 IDLE_MANAGED = "b" * 64
 NOT_A_CONTAINER = "c" * 64
@@ -31,7 +31,7 @@ BUSY_NAME = "shoal-default-aaaaaa"
 
 
 def _load_loadtest() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("shoal_hack_loadtest", HACK / "loadtest.py")
+    spec = importlib.util.spec_from_file_location("shoal_hack_loadtest", HACK_DIR / "loadtest.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-HACK = ROOT / "hack"
+HACK_DIR = ROOT / "hack"
 TRACES = ROOT.parent / "shared" / "traces"
-if str(HACK) not in sys.path:
-    sys.path.insert(0, str(HACK))
+if str(HACK_DIR) not in sys.path:
+    sys.path.insert(0, str(HACK_DIR))
 
 import baselines  # noqa: E402
 import simcore  # noqa: E402
@@ -96,7 +96,7 @@ def test_simulate_json_has_the_documented_shape(tmp_path: Path) -> None:
     completed = subprocess.run(
         [
             sys.executable,
-            str(HACK / "simulate.py"),
+            str(HACK_DIR / "simulate.py"),
             "--trace",
             str(trace),
             "--compress",
