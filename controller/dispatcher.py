@@ -150,6 +150,10 @@ class Dispatcher:
             except QueueUnavailable as exc:
                 logger.warning("queue unavailable, dispatch retries in %.1fs: %s", 1.0, exc)
                 await asyncio.sleep(1.0)
+            except Exception:
+                # NB: dispatching must outlive a bad tick; the traceback is the news.
+                logger.exception("dispatch failed unexpectedly; retrying in 1s")
+                await asyncio.sleep(1.0)
             await wait_event(self._wakeup, timeout_s=self.idle_poll_s)
 
     async def dispatch_once(self) -> int:
@@ -218,6 +222,11 @@ class Dispatcher:
         try:
             traceparent = telemetry.traceparent_of(span) or task.traceparent
             kind, detail = await self._post(task, worker, traceparent=traceparent)
+        except Exception as exc:
+            # NB: whatever went wrong, the attempt must settle and the slot come back,
+            # or this worker would look busy for ever.
+            logger.exception("delivery of task %s to %s failed unexpectedly", task.id, worker.name)
+            kind, detail = "retry", f"delivery failed: {type(exc).__name__}"
         except asyncio.CancelledError:
             # Shutdown: hand the task back now rather than when its lease expires.
             # The worker may still finish it, so it may run twice (at-least-once).
@@ -361,6 +370,10 @@ class Dispatcher:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             self._registry.mark_unhealthy(worker.worker_id, eject=True)
             return "retry", f"connection to {worker.name} failed: {type(exc).__name__}: {exc}"
+        except ValueError as exc:
+            # A 200 whose body is not JSON, or a body that is not UTF-8: the worker
+            # misbehaved; the attempt counts and the task goes elsewhere.
+            return "retry", f"unreadable answer from {worker.name}: {type(exc).__name__}"
 
     async def _keep_lease(self, task: Task, worker: WorkerRecord, lease_s: float) -> None:
         """Extends the lease every third of its length while the worker holds the task."""

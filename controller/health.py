@@ -57,7 +57,11 @@ class HealthProber:
 
     async def run(self) -> None:
         while True:
-            await self.probe_due()
+            try:
+                await self.probe_due()
+            except Exception:
+                # NB: probing must outlive a bad tick, or no worker would ever become ready.
+                logger.exception("health probing failed unexpectedly")
             await asyncio.sleep(self.starting_interval_s)
 
     async def probe_due(self) -> None:

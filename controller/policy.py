@@ -303,6 +303,10 @@ def load_pools(path: Path) -> list[WorkerPool]:
             text = file.read_text(encoding="utf-8")
         except OSError as exc:
             raise PolicyError(str(file), [f"cannot read: {exc.strerror or exc}"]) from exc
+        except UnicodeDecodeError as exc:
+            raise PolicyError(
+                str(file), [f"not UTF-8 text: {exc.reason} at byte {exc.start}"]
+            ) from exc
         found = parse_pools(text, source=str(file))
         if not found:
             # An editor that truncates before writing must not tear the pools down.

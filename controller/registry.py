@@ -241,6 +241,9 @@ class Registry:
             raise WatchExpired(f"resource version {since} is too old; list again")
         cursor = since
         while True:
+            if self._events and self._events[0].resource_version > cursor + 1:
+                # This watcher fell behind the kept history: it must re-list, not skip.
+                raise WatchExpired(f"resource version {cursor} is too old; list again")
             backlog = [e for e in self._events if e.resource_version > cursor]
             for event in backlog:
                 cursor = event.resource_version

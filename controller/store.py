@@ -98,10 +98,14 @@ class PolicyStore:
         """Polls the manifests until cancelled."""
         while True:
             await asyncio.sleep(self.poll_interval_s)
-            fingerprint = await asyncio.to_thread(self._stat)
-            if fingerprint != self._fingerprint:
-                self._fingerprint = fingerprint
-                self.reload()
+            try:
+                fingerprint = await asyncio.to_thread(self._stat)
+                if fingerprint != self._fingerprint:
+                    self._fingerprint = fingerprint
+                    self.reload()
+            except Exception:
+                # NB: the watch must outlive one bad read, or later edits are ignored.
+                logger.exception("reading the manifests failed unexpectedly")
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="policy-watch")

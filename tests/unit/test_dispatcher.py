@@ -144,3 +144,29 @@ async def test_dispatcher_leases_no_more_than_the_free_slots(make_rig: Any) -> N
     counts = await rig.queue.counts("default")
     assert (counts.queued, counts.running) == (2, 1)
     await rig.dispatcher.stop(drain_timeout_s=5.0)
+
+
+async def test_a_worker_answering_garbage_gets_its_slot_back_and_the_task_retries(
+    make_rig: Any,
+) -> None:
+    """A 200 whose body is not JSON must not leave the worker looking busy for ever."""
+
+    async def garbage(request: web.Request) -> web.Response:
+        return web.Response(body=b"{not json", content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/process-task", garbage)
+    rig = await make_rig(200, {})
+    await rig.server.close()
+    rig.server = TestServer(app, host="127.0.0.1")
+    await rig.server.start_server()
+    rig.add_worker()
+
+    task_id, seen = await rig.run_one()
+
+    assert seen is not None and seen.kind == "retry"
+    worker = rig.registry.get("w1")
+    assert worker is not None and worker.in_flight == 0
+    task = await rig.queue.get(task_id)
+    assert task is not None and task.state == "queued"
+    await rig.server.close()

@@ -100,3 +100,9 @@ def test_durations(text: object, seconds: float) -> None:
 @pytest.mark.parametrize(("text", "size"), [("1Ki", 1024), ("128Mi", 134217728), ("1G", 10**9)])
 def test_sizes(text: str, size: int) -> None:
     assert parse_size_bytes(text) == size
+
+
+def test_a_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "pool.yaml").write_bytes(GOOD.encode() + b"\n# \xff\xfe\n")
+    with pytest.raises(PolicyError, match="not UTF-8"):
+        load_pools(tmp_path)
