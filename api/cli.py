@@ -23,7 +23,7 @@ from pathlib import Path
 from aiohttp import web
 
 from controller import telemetry
-from controller.errors import PolicyError
+from controller.errors import PolicyError, ShoalError
 from controller.logs import setup_logging
 from controller.runtimes.base import Runtime
 
@@ -157,6 +157,13 @@ async def _up(args: argparse.Namespace) -> int:
         await queue.close()
         logger.error("shoal: manifest refused: %s", exc)
         return 2
+    except ShoalError as exc:
+        # E.g. the engine or the queue did not answer the first relist or count.
+        await runner.cleanup()
+        await runtime.close()
+        await queue.close()
+        logger.error("shoal: cannot start: %s", exc)
+        return 1
     site = web.TCPSite(runner, args.host, args.port)
     try:
         await site.start()

@@ -233,7 +233,7 @@ async def redrive_task(request: web.Request) -> web.Response:
     if existing.state not in ("dead", "failed"):
         return json_error(409, f"task is {existing.state}; only dead or failed tasks are redriven")
     task = await controller.queue.redrive(existing.id)
-    if task is None:
+    if task is None or task.state != "queued":
         return json_error(409, "task changed while being redriven; try again")
     controller.reconciler.wake()
     if controller.dispatcher is not None:
@@ -314,6 +314,8 @@ async def metrics_json(controller: Controller) -> dict[str, Any]:
     live = [w for w in workers if w.state in ("starting", "ready")]
     pools = {}
     for name, status in snapshot["pools"].items():
+        if name not in queues:
+            continue  # declared while the counts were read; the next scrape has it
         pools[name] = {
             "queueLength": queues[name]["queued"],
             "running": queues[name]["running"],
@@ -451,7 +453,8 @@ async def activate(request: web.Request) -> web.Response:
         body.hold_s if body.hold_s is not None else (None if body.in_flight is not None else 30.0)
     )
     if hold_s is None:
-        granted = controller.store.pools[pool].spec.replicas.max > 0
+        policy = controller.store.get(pool)
+        granted = policy is not None and policy.spec.replicas.max > 0
     else:
         granted = controller.reconciler.request_capacity(pool, hold_s=hold_s)
     if not granted:

@@ -24,7 +24,7 @@ import aiohttp
 
 from controller.aio import cancel_and_wait
 from controller.dispatcher import Dispatcher, Outcome
-from controller.errors import UnknownPool
+from controller.errors import TransientError, UnknownPool
 from controller.health import HealthProber
 from controller.queues.base import EnqueueRequest, Task, TaskQueue
 from controller.reconciler import Reconciler
@@ -121,15 +121,20 @@ class Controller:
         if self.prober is not None:
             await self.prober.stop()
         await self.store.stop()
-        if self.config.keep_workers:
-            logger.info("leaving workers running (--keep-workers)")
-        else:
-            stopped = await self.reconciler.stop_all(grace_s=self.config.shutdown_grace_s)
-            logger.info("stopped %d worker(s)", stopped)
-        if self._session is not None:
-            await self._session.close()
-        await self.runtime.close()
-        await self.queue.close()
+        try:
+            if self.config.keep_workers:
+                logger.info("leaving workers running (--keep-workers)")
+            else:
+                stopped = await self.reconciler.stop_all(grace_s=self.config.shutdown_grace_s)
+                logger.info("stopped %d worker(s)", stopped)
+        except TransientError as exc:
+            # The engine went first: its workers outlive us and the next start adopts them.
+            logger.error("could not stop the workers (%s); the next start adopts them", exc)
+        finally:
+            if self._session is not None:
+                await self._session.close()
+            await self.runtime.close()
+            await self.queue.close()
 
     async def submit(self, request: EnqueueRequest) -> tuple[Task, bool]:
         """Enqueues a task and wakes the dispatcher and reconciler at once."""

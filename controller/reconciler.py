@@ -657,10 +657,12 @@ class Reconciler:
                 logger.warning("stop of worker %s failed, will retry: %s", name, exc)
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
+            else:
+                # Only a stop that worked hides the container from relist.
+                self._stopped[worker_id] = self._clock()
             finally:
                 self._stopping.pop(worker_id, None)
                 now = self._clock()
-                self._stopped[worker_id] = now
                 for stale in [w for w, t in self._stopped.items() if now - t > 300.0]:
                     del self._stopped[stale]
                 self.wake()
