@@ -160,7 +160,11 @@ async def dispatch_task(request: web.Request) -> web.Response:
     deadline = time.monotonic() + body.timeout_s
     while task.state not in FINAL_STATES and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-        current = await controller.queue.get(task.id)
+        try:
+            current = await controller.queue.get(task.id)
+        except QueueUnavailable:
+            # The task is stored: answer 202 with its id rather than invite a resubmit.
+            break
         if current is not None:
             task = current
     status = 200 if task.state in FINAL_STATES else 202

@@ -169,6 +169,12 @@ class Dispatcher:
                 )
                 if task is None:
                     break
+                # NB: the lease awaited; the worker may have started draining meanwhile.
+                current = self._registry.get(worker.worker_id)
+                if current is None or not current.routable:
+                    await self._queue.release(task.id, worker=worker.name)
+                    continue
+                worker = current
                 self._registry.acquire_slot(worker.worker_id)
                 delivery = asyncio.get_running_loop().create_task(
                     self._deliver(task, worker, pool), name=f"deliver-{task.id}"

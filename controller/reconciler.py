@@ -91,6 +91,8 @@ class Reconciler:
         # Workers this controller stopped, kept a while so a relist that raced
         # with the stop does not mistake them for crashes.
         self._stopped: dict[WorkerId, float] = {}
+        # When each never-started container was first seen.
+        self._created_seen: dict[WorkerId, float] = {}
         self._spawning: set[asyncio.Task[None]] = set()
         self._spawn_started: dict[WorkerId, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -165,6 +167,9 @@ class Reconciler:
 
     async def relist(self) -> None:
         """Brings the registry in line with the engine: adopt, notice deaths, forget the gone."""
+        # NB: a spawn that lands during the list below is not in it; records made
+        # after this instant are too new for the list to speak about.
+        listed_at = self._wall_clock()
         observed = await self._runtime.list()
         self._last_relist = self._clock()
         pools = self._store.pools
@@ -185,13 +190,20 @@ class Reconciler:
                     self._adopt(worker, pools.get(worker.pool))
                 continue
             if worker.engine_state == "created":
+                # Created but never started (a start cut short by a crash or a lost
+                # reply): harmless for a moment, a leak if it stays.
+                first = self._created_seen.setdefault(worker.worker_id, self._clock())
+                if self._clock() - first >= _START_TIMEOUT_S:
+                    self._stop_in_background(worker.worker_id, name=worker.name, grace_s=0.0)
                 continue
             # Exited or unknown, and not something we are stopping: it died on its own.
             self._note_crash(worker, known)
 
+        for gone in set(self._created_seen) - seen:
+            del self._created_seen[gone]
         for record in self._registry.list():
             if record.worker_id not in seen and record.worker_id not in self._stopping:
-                if record.name in pending:
+                if record.name in pending or record.created_at >= listed_at:
                     continue
                 self._registry.remove(record.worker_id)
                 logger.warning(

@@ -275,3 +275,27 @@ async def test_a_worker_that_never_becomes_ready_is_replaced(tmp_path: Path) -> 
     await rig.pass_()
 
     assert stuck.worker_id in rig.runtime.stopped()
+
+
+async def test_a_container_created_but_never_started_is_removed_in_time(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, manifest(max=1))
+    template_hash = rig.store.pools["default"].spec.template.template_hash()
+    orphan = rig.runtime.seed(
+        WorkerSpec(
+            pool="default",
+            name="shoal-default-orphan",
+            image="shoal/worker:latest",
+            port=8080,
+            concurrency=1,
+            template_hash=template_hash,
+        ),
+        engine_state="created",
+    )
+    await rig.reconciler.relist()
+    await rig.settle()
+    assert orphan.worker_id not in rig.runtime.stopped(), "a start may still be under way"
+
+    rig.clock.now += 61
+    await rig.reconciler.relist()
+    await rig.settle()
+    assert orphan.worker_id in rig.runtime.stopped()
