@@ -536,7 +536,9 @@ class SqliteQueue:
                 "AND not_before IS NOT NULL AND not_before > ?",
                 (pool, self._clock()),
             ).fetchone()
-            return QueueCounts(ready=by_state["queued"] - waiting, **by_state)
+            # NB: two reads, two snapshots: a commit between them must not make
+            # ``ready`` negative (a status page would show it).
+            return QueueCounts(ready=max(0, by_state["queued"] - waiting), **by_state)
 
         return await self._read(op)
 
