@@ -33,7 +33,7 @@ from api.models import (
 )
 from controller import telemetry
 from controller.dispatcher import retry_policy_of
-from controller.errors import QueueUnavailable, UnknownPool
+from controller.errors import QueueUnavailable, TaskNotFound, UnknownPool
 from controller.manager import Controller
 from controller.queues.base import FINAL_STATES, TASK_STATES, EnqueueRequest, Task, TaskState
 from controller.registry import WatchExpired
@@ -173,11 +173,18 @@ async def dispatch_task(request: web.Request) -> web.Response:
     )
 
 
+async def _existing_task(controller: Controller, request: web.Request) -> Task:
+    """The task named in the path; ``TaskNotFound`` (404) when there is none."""
+    task_id = request.match_info["id"]
+    task = await controller.queue.get(task_id)
+    if task is None:
+        raise TaskNotFound(task_id)
+    return task
+
+
 @routes.get("/tasks/{id}")
 async def get_task(request: web.Request) -> web.Response:
-    task = await _controller(request).queue.get(request.match_info["id"])
-    if task is None:
-        return json_error(404, f"no task with id {request.match_info['id']!r}")
+    task = await _existing_task(_controller(request), request)
     return web.json_response(task.to_json())
 
 
@@ -222,7 +229,7 @@ def _as_state(state: str | None) -> TaskState | None:
 async def cancel_task(request: web.Request) -> web.Response:
     task = await _controller(request).queue.cancel(request.match_info["id"])
     if task is None:
-        return json_error(404, f"no task with id {request.match_info['id']!r}")
+        raise TaskNotFound(request.match_info["id"])
     if task.state != "cancelled":
         return json_error(409, f"task is {task.state}; only queued tasks can be cancelled")
     return web.json_response(task.to_json())
@@ -231,9 +238,7 @@ async def cancel_task(request: web.Request) -> web.Response:
 @routes.post("/tasks/{id}/redrive")
 async def redrive_task(request: web.Request) -> web.Response:
     controller = _controller(request)
-    existing = await controller.queue.get(request.match_info["id"])
-    if existing is None:
-        return json_error(404, f"no task with id {request.match_info['id']!r}")
+    existing = await _existing_task(controller, request)
     if existing.state not in ("dead", "failed"):
         return json_error(409, f"task is {existing.state}; only dead or failed tasks are redriven")
     task = await controller.queue.redrive(existing.id)
@@ -264,10 +269,8 @@ async def dequeue_task(request: web.Request) -> web.Response:
 async def report_result(request: web.Request) -> web.Response:
     controller = _controller(request)
     body = await read_body(request, ResultBody)
-    task_id = request.match_info["id"]
-    task = await controller.queue.get(task_id)
-    if task is None:
-        return json_error(404, f"no task with id {task_id!r}")
+    task = await _existing_task(controller, request)
+    task_id = task.id
     pool = controller.store.get(task.pool)
     if body.error is None:
         accepted = await controller.queue.ack(task_id, worker=body.worker, result=body.result)
@@ -291,10 +294,8 @@ async def report_result(request: web.Request) -> web.Response:
 async def heartbeat(request: web.Request) -> web.Response:
     controller = _controller(request)
     body = await read_body(request, HeartbeatBody)
-    task_id = request.match_info["id"]
-    task = await controller.queue.get(task_id)
-    if task is None:
-        return json_error(404, f"no task with id {task_id!r}")
+    task = await _existing_task(controller, request)
+    task_id = task.id
     pool = controller.store.get(task.pool)
     lease_s = body.lease_s or (pool.spec.delivery.lease_timeout if pool else 30.0)
     if not await controller.queue.extend(task_id, worker=body.worker, lease_s=lease_s):
@@ -475,7 +476,7 @@ async def errors_middleware(
         return await handler(request)
     except BadRequest as exc:
         return json_error(exc.status, str(exc), **exc.extra)
-    except UnknownPool as exc:
+    except (UnknownPool, TaskNotFound) as exc:
         return json_error(404, str(exc))
     except QueueUnavailable as exc:
         retry_after = str(max(1, round(exc.retry_after_s)))
