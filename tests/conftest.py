@@ -25,15 +25,16 @@ def _in_ci() -> bool:
 
 @pytest.fixture(scope="session")
 def docker_client() -> Iterator[object]:
-    try:
-        import docker
+    import docker
 
-        client = docker.from_env(timeout=10)
-        client.ping()
-    except Exception as exc:  # any failure to reach the engine means the same here
+    from controller.runtimes.docker import docker_available
+
+    available, why = docker_available(timeout_s=10)
+    if not available:
         if _in_ci():
-            pytest.fail(f"CI=true but no Docker engine answers: {exc}")
-        pytest.skip(f"no Docker engine: {exc}")
+            pytest.fail(f"CI=true but {why}")
+        pytest.skip(why)
+    client = docker.from_env(timeout=10)
     yield client
     client.close()
 

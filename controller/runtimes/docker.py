@@ -18,6 +18,8 @@ import builtins
 import functools
 import logging
 import math
+import os
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -70,6 +72,9 @@ _ENGINE_STATES: Mapping[str, EngineState] = {
 
 def docker_available(timeout_s: float = 2.0) -> tuple[bool, str]:
     """Pings the engine named by the environment (``DOCKER_HOST``); returns (ok, reason)."""
+    unreachable = _unix_socket_error(timeout_s)
+    if unreachable is not None:
+        return False, f"no Docker engine answered: {unreachable}"
     client = None
     try:
         client = docker.from_env(timeout=timeout_s)
@@ -81,6 +86,25 @@ def docker_available(timeout_s: float = 2.0) -> tuple[bool, str]:
     finally:
         if client is not None:
             client.close()
+
+
+def _unix_socket_error(timeout_s: float) -> str | None:
+    """Why the engine's Unix socket takes no connection; None when it does or is not used.
+
+    Checked before the SDK is asked: docker 7 leaves its socket open (a ResourceWarning
+    at the next garbage collection) when the connect fails.
+    """
+    host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    if not host.startswith("unix://"):
+        return None
+    path = host.removeprefix("unix://")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            return f"cannot connect to {path}: {exc.strerror or exc}"
+    return None
 
 
 def _is_transient(exc: BaseException, *, server_errors: bool = True) -> bool:
