@@ -31,7 +31,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,7 +105,7 @@ class Proxy:
             "activations": 0,
             "errors": 0,
         }
-        self._rid_prefix = secrets.token_hex(4)
+        self._rid_prefix = secrets.token_hex(4).encode()
         self._rid_counter = itertools.count(1)
         self._servers: list[asyncio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -206,34 +206,37 @@ class Proxy:
     def _choose(self, pool: PoolTable, exclude: set[str] | None = None) -> Backend | None:
         ejected = self.ejected
         if ejected:
-            skip = set(ejected) if exclude is None else exclude | set(ejected)
+            skip: Collection[str] = set(ejected) if exclude is None else exclude | set(ejected)
         else:
-            skip = exclude or set()
+            skip = exclude or ()
         return pool.strategy.pick(pool.backends, self.load, exclude=skip)
 
     # -- request flow -------------------------------------------------------------------
 
-    def request_id(self, given: bytes) -> str:
+    def request_id(self, given: bytes) -> bytes:
+        """The client's X-Request-Id when it is short and printable, else a new one."""
         if given and len(given) <= 128 and all(c in _REQUEST_ID_OK for c in given):
-            return given.decode("ascii")
-        return f"{self._rid_prefix}-{next(self._rid_counter):x}"
+            return given
+        return b"%b-%x" % (self._rid_prefix, next(self._rid_counter))
 
     def dispatch(self, exchange: Exchange) -> None:
         """Starts ``exchange``: at once when a pooled connection is idle, else in a task."""
         self.stats["requests"] += 1
-        exchange.deadline = self.now() + self.config.upstream_timeout_s
+        now = self.now()
+        exchange.deadline = now + self.config.upstream_timeout_s
         info = self.control.pools().get(exchange.pool)
+        backend = None
         if info is not None:
-            pool = self._pool(exchange.pool, info)
-            pool.last_request_at = self.now()
+            pool = self.pools.get(exchange.pool)
+            if pool is None or info.strategy != pool.strategy.name:
+                pool = self._pool(exchange.pool, info)
+            pool.last_request_at = now
             backend = self._choose(pool)
             if backend is not None:
                 conns = self.idle.get(backend.worker_id)
                 if conns:
                     self._send(exchange, backend, conns.pop())
                     return
-        else:
-            backend = None
         task = asyncio.get_running_loop().create_task(self._dispatch_slow(exchange, backend))
         exchange.task = task
         self._slow.add(task)
@@ -303,21 +306,26 @@ class Proxy:
     def _send(self, exchange: Exchange, backend: Backend, conn: UpstreamConnection) -> None:
         exchange.backend = backend
         exchange.upstream = conn
-        exchange.tried.add(backend.worker_id)
+        worker_id = backend.worker_id
+        exchange.tried.add(worker_id)
         exchange.attempts += 1
         conn.exchange = exchange
         self.busy.add(conn)
-        self.load[backend.worker_id] = self.load.get(backend.worker_id, 0) + 1
+        load = self.load
+        load[worker_id] = load.get(worker_id, 0) + 1
         exchange.sent = True
-        if exchange.body:
-            conn.write(exchange.head + b"".join(exchange.body))
+        body = exchange.body
+        if body:
+            conn.write(exchange.head + b"".join(body))
+            if exchange.body_size > self.config.replay_limit_bytes:
+                exchange.replayable = False
+            if not exchange.replayable:
+                body.clear()
         else:
             conn.write(exchange.head)
-        if exchange.body_size > self.config.replay_limit_bytes:
-            exchange.replayable = False
-        if not exchange.replayable:
-            exchange.body.clear()
-        exchange.client.resume_reading()
+        client = exchange.client
+        if client.paused:
+            client.resume_reading()
 
     def finish(self, conn: UpstreamConnection, *, reuse: bool) -> None:
         """The response came whole: free the worker's slot, pool the connection, go on."""
@@ -326,30 +334,41 @@ class Proxy:
         self.busy.discard(conn)
         if exchange is None:
             return
-        self._release(exchange)
         exchange.upstream = None
+        exchange.backend = None
         worker_id = conn.backend.worker_id
-        ejected = self.ejected and worker_id in self.ejected
-        if reuse and worker_id in self.routable and not ejected and not conn.closed:
-            conns = self.idle.setdefault(worker_id, [])
+        self._unload(worker_id)
+        now = self.now()
+        if (
+            reuse
+            and not conn.closed
+            and worker_id in self.routable
+            and not (self.ejected and worker_id in self.ejected)
+        ):
+            conns = self.idle.get(worker_id)
+            if conns is None:
+                conns = self.idle[worker_id] = []
             if len(conns) < self.config.max_idle_per_backend:
-                conn.idle_since = self.now()
+                conn.idle_since = now
                 conns.append(conn)
             else:
                 conn.close()
         else:
             conn.close()
-        exchange.client.done(exchange)
+        exchange.client.done(exchange, now)
 
     def _release(self, exchange: Exchange) -> None:
         backend = exchange.backend
         if backend is not None:
-            count = self.load.get(backend.worker_id, 0)
-            if count > 1:
-                self.load[backend.worker_id] = count - 1
-            else:
-                self.load.pop(backend.worker_id, None)
+            self._unload(backend.worker_id)
         exchange.backend = None
+
+    def _unload(self, worker_id: str) -> None:
+        count = self.load.get(worker_id, 0)
+        if count > 1:
+            self.load[worker_id] = count - 1
+        else:
+            self.load.pop(worker_id, None)
 
     def forget_idle(self, conn: UpstreamConnection) -> None:
         conns = self.idle.get(conn.backend.worker_id)
@@ -477,13 +496,13 @@ class Proxy:
                 reply.status,
                 REASONS.get(reply.status, "Error").encode(),
                 len(body),
-                exchange.request_id.encode(),
+                exchange.rid,
                 extra,
                 b"" if keep else b"Connection: close\r\n",
                 body,
             )
         )
-        client.done(exchange)
+        client.done(exchange, self.now())
 
     # -- health ------------------------------------------------------------------------
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from api.balancer import POOL_HEADER, route_of
-from api.proxy_exchange import HEADER_WS, HOP_BY_HOP, REASONS, Exchange, error_body
+from api.balancer import DEFAULT_POOL, POOL_HEADER, route_of
+from api.proxy_exchange import HOP_BY_HOP, REASONS, REQUEST_HEAD, Exchange, error_body
 
 if TYPE_CHECKING:
     from api.proxy import Proxy
@@ -28,9 +29,22 @@ if TYPE_CHECKING:
 _REQUEST_OWN = frozenset(
     {b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-request-id"}
 )
-# The fast paths take only what they fully understand; the rest goes through httptools.
-_FAST_METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
-_FAST_REFUSED = frozenset({b"expect"})
+# The fast path takes only what it fully understands; the rest goes through httptools.
+# Header names the fast path must look at: framing and hop-by-hop ones, those the proxy
+# sets itself, the Host and the pool header. Other lines pass through as they are.
+_REQUEST_SPECIAL = re.compile(
+    rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
+    rb"|expect|content-length|host|x-forwarded-for|x-forwarded-host|x-forwarded-proto"
+    rb"|x-request-id|" + re.escape(POOL_HEADER.encode()) + rb"):([^\r]*)",
+    re.IGNORECASE,
+)
+# Of those, the lines not forwarded (the proxy writes its own X-Forwarded-* and id).
+_REQUEST_DROPPED = re.compile(
+    rb"\r\n(?:connection|keep-alive|proxy-connection|te|trailer|x-forwarded-for"
+    rb"|x-forwarded-host|x-forwarded-proto|x-request-id):[^\r]*",
+    re.IGNORECASE,
+)
+_FAST_REFUSED = frozenset({b"expect", b"transfer-encoding", b"upgrade"})
 _HIGH_WATER = 256 * 1024
 # After a refusal, what the client still sends is read and dropped for this long (or this
 # much) before the close, so that the close does not reset the refusal away.
@@ -54,7 +68,7 @@ class ClientConnection(asyncio.Protocol):
         self.idle_since = proxy.now()
         self._parsing: Exchange | None = None
         self._url = b""
-        self._headers: list[bytes] = []
+        self._fields: list[bytes] = []
         self._host = b""
         self._pool_header: bytes | None = None
         self._forwarded_for = b""
@@ -122,7 +136,7 @@ class ClientConnection(asyncio.Protocol):
         self._in_head = True
         self._head_bytes = 0
         self._url = b""
-        self._headers = []
+        self._fields = []
         self._host = b""
         self._pool_header = None
         self._forwarded_for = b""
@@ -138,7 +152,7 @@ class ClientConnection(asyncio.Protocol):
             if lname == b"transfer-encoding" or lname == b"content-length":
                 self._framing = lname
                 if lname == b"content-length":
-                    self._headers.append(b"Content-Length: %b\r\n" % value)
+                    self._fields.append(b"\r\nContent-Length: %b" % value)
             return
         if lname in _REQUEST_OWN:
             if lname == b"x-forwarded-for":
@@ -150,55 +164,71 @@ class ClientConnection(asyncio.Protocol):
             self._host = value
         elif lname == POOL_HEADER_B:
             self._pool_header = value
-        self._headers.append(b"%b: %b\r\n" % (name, value))
+        self._fields.append(b"\r\n%b: %b" % (name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         if self.closed:
             return
-        size = len(self._url) + sum(len(line) for line in self._headers)
+        size = len(self._url) + sum(len(line) for line in self._fields)
         if size > self.proxy.config.max_head_bytes:
             self._refuse_large_head()
             return
         parser = self.parser
         self._open(
             parser.get_method(),
+            self._url,
+            b"".join(self._fields),
             keep_alive=parser.should_keep_alive(),
             http10=parser.get_http_version() == "1.0",
             body=None,
         )
 
-    def _open(self, method: bytes, *, keep_alive: bool, http10: bool, body: bytes | None) -> None:
-        """Turns the parsed head into an exchange; ``body`` is the whole body when known."""
+    def _open(
+        self,
+        method: bytes,
+        url: bytes,
+        fields: bytes,
+        *,
+        keep_alive: bool,
+        http10: bool,
+        body: bytes | None,
+    ) -> None:
+        """Turns a parsed head into an exchange and dispatches it.
+
+        ``fields`` are the header lines to forward, each led by CRLF; ``body`` is the whole
+        body when it came with the head, else None (it streams in through ``on_body``).
+        """
         exchange = Exchange(self, method.decode("latin-1"))
         exchange.keep_alive = keep_alive
         exchange.http10 = http10
         exchange.chunked = self._framing == b"transfer-encoding"
-        exchange.request_id = self.proxy.request_id(self._request_id)
-        url = self._url
+        exchange.rid = self.proxy.request_id(self._request_id)
         if url[:1] != b"/":
             url = self._origin_form(url)
-        pool, path = route_of(url, self._pool_header)
-        if path is url and url.startswith(POOLS_PREFIX):
-            # ``/pools//x`` names no pool: unknown (404), not the default pool.
-            pool = ""
+        if self._pool_header is None and not url.startswith(POOLS_PREFIX):
+            pool, path = DEFAULT_POOL, url
+        else:
+            pool, path = route_of(url, self._pool_header)
+            if path is url and url.startswith(POOLS_PREFIX):
+                # ``/pools//x`` names no pool: unknown (404), not the default pool.
+                pool = ""
         exchange.pool = pool
-        forwarded_for = (
-            self._forwarded_for + b", " + self.peer if self._forwarded_for else self.peer
-        )
-        extra = [
-            b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\n" % forwarded_for,
-            b"X-Request-Id: %b\r\n" % exchange.request_id.encode(),
-        ]
-        if self._host:
-            extra.append(b"X-Forwarded-Host: %b\r\n" % self._host)
-        if path is not url:
-            extra.append(b"X-Forwarded-Prefix: /pools/%b\r\n" % pool.encode("latin-1"))
-        exchange.head = b"%b %b HTTP/1.1\r\n%b%b\r\n" % (
+        peer = self.peer
+        forwarded_for = self._forwarded_for + b", " + peer if self._forwarded_for else peer
+        exchange.head = (
+            b"%b %b HTTP/1.1%b\r\nX-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\n"
+            b"X-Request-Id: %b%b%b\r\n\r\n"
+        ) % (
             method,
             path,
-            b"".join(self._headers),
-            b"".join(extra),
+            fields,
+            forwarded_for,
+            exchange.rid,
+            b"\r\nX-Forwarded-Host: %b" % self._host if self._host else b"",
+            b"\r\nX-Forwarded-Prefix: /pools/%b" % pool.encode("latin-1")
+            if path is not url
+            else b"",
         )
         if body is not None:
             if body:
@@ -241,71 +271,66 @@ class ClientConnection(asyncio.Protocol):
         """Handles ``data`` when it is exactly one plain HTTP/1.1 request; else returns False.
 
         Most requests arrive whole in one read. This strict subset (origin-form target,
-        no folding, no Transfer-Encoding, Expect or Upgrade, an exact Content-Length)
-        skips httptools' per-header callbacks; anything else goes to httptools whole.
+        RFC 9110 header lines, no Transfer-Encoding, Expect or Upgrade, one exact
+        Content-Length, one Host) is checked and rewritten by a few regular expressions
+        over the whole head, with no per-header Python work; anything else goes to
+        httptools whole.
         """
         end = data.find(b"\r\n\r\n")
         if end < 0 or end > self.proxy.config.max_head_bytes:
             return False
-        head = data[:end]
-        lines = head.split(b"\r\n")
-        if head.count(b"\n") != len(lines) - 1 or b"\x00" in head:
+        head = REQUEST_HEAD.fullmatch(data, 0, end)
+        if head is None:
             return False
-        parts = lines[0].split(b" ")
-        if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in _FAST_METHODS:
-            return False
-        target = parts[1]
-        if target[:1] != b"/":
-            return False
-        headers: list[bytes] = []
+        method, target, fields = head.groups()
         host = b""
         pool_header: bytes | None = None
         forwarded_for = b""
         request_id = b""
         length = -1
         keep_alive = True
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name[:1] in HEADER_WS or name[-1:] in HEADER_WS:
-                return False
+        drop = False
+        for name, value in _REQUEST_SPECIAL.findall(fields):
             lname = name.lower()
             value = value.strip(b" \t")
-            if lname in HOP_BY_HOP or lname in _FAST_REFUSED:
-                if lname == b"content-length":
-                    if length >= 0 or not value.isdigit():
-                        return False
-                    length = int(value)
-                    headers.append(b"Content-Length: %b\r\n" % value)
-                elif lname == b"connection":
-                    tokens = value.lower()
-                    if b"upgrade" in tokens:
-                        return False
-                    keep_alive = b"close" not in tokens
-                elif lname in _FAST_REFUSED or lname in (b"transfer-encoding", b"upgrade"):
-                    return False
-                continue
-            if lname in _REQUEST_OWN:
-                if lname == b"x-forwarded-for":
-                    forwarded_for = value
-                elif lname == b"x-request-id":
-                    request_id = value
-                continue
             if lname == b"host":
+                if host:
+                    return False
                 host = value
+            elif lname == b"content-length":
+                if length >= 0 or not value.isdigit():
+                    return False
+                length = int(value)
+            elif lname == b"connection" or lname == b"proxy-connection":
+                # NB: llhttp reads Proxy-Connection like Connection; so does this path.
+                tokens = value.lower()
+                if b"upgrade" in tokens:
+                    return False
+                keep_alive = keep_alive and b"close" not in tokens
+                drop = True
             elif lname == POOL_HEADER_B:
                 pool_header = value
-            headers.append(line + b"\r\n")
+            elif lname == b"x-forwarded-for":
+                forwarded_for = value
+                drop = True
+            elif lname == b"x-request-id":
+                request_id = value
+                drop = True
+            elif lname in _FAST_REFUSED:
+                return False
+            else:
+                drop = True
         body = data[end + 4 :]
         if len(body) != max(length, 0):
             return False
-        self._url = target
-        self._headers = headers
+        if drop:
+            fields = _REQUEST_DROPPED.sub(b"", fields)
         self._host = host
         self._pool_header = pool_header
         self._forwarded_for = forwarded_for
         self._request_id = request_id
         self._framing = b"content-length" if length >= 0 else b""
-        self._open(parts[0], keep_alive=keep_alive, http10=False, body=body)
+        self._open(method, target, fields, keep_alive=keep_alive, http10=False, body=body)
         return True
 
     def on_body(self, body: bytes) -> None:
@@ -411,14 +436,16 @@ class ClientConnection(asyncio.Protocol):
         limit_kib = self.proxy.config.max_head_bytes // 1024
         self._refuse(431, f"request head (request line and headers) over {limit_kib} KiB")
 
-    def done(self, exchange: Exchange) -> None:
+    def done(self, exchange: Exchange, now: float) -> None:
         """The response of ``exchange`` was written whole; move on to the next request."""
-        if self.queue and self.queue[0] is exchange:
-            self.queue.pop(0)
-        self.idle_since = self.proxy.now()
+        queue = self.queue
+        if queue and queue[0] is exchange:
+            del queue[0]
+        self.idle_since = now
         if not exchange.keep_alive or exchange.closing or not exchange.body_done:
             self.close()
             return
-        if self.queue and not self.queue[0].chunked:
-            self.proxy.dispatch(self.queue[0])
-        self.resume_reading()
+        if queue and not queue[0].chunked:
+            self.proxy.dispatch(queue[0])
+        if self.paused:
+            self.resume_reading()

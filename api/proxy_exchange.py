@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import TYPE_CHECKING
 
 from api.balancer import Backend
@@ -44,6 +45,21 @@ REASONS = {
     504: "Gateway Timeout",
 }
 HEADER_WS = (b" ", b"\t")
+_TCHAR = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]"
+_VCHARS = rb"[\t\x20-\x7e\x80-\xff]*"
+# The header lines of a head after its first line, each led by CRLF, as RFC 9110 allows
+# them: a token name right before the colon, then visible characters, spaces and tabs.
+# No obs-fold, no bare CR or LF, no NUL. The fast paths take a head only if it matches.
+FIELDS = rb"((?:\r\n" + _TCHAR + rb"+:" + _VCHARS + rb")*)"
+# A whole request head (without its final CRLF CRLF) that the client's fast path takes:
+# a common method, an origin-form target of visible ASCII, HTTP/1.1; groups: method,
+# target, header lines.
+REQUEST_HEAD = re.compile(rb"(GET|POST|PUT|DELETE|PATCH|OPTIONS) (/[!-~]*) HTTP/1\.1" + FIELDS)
+# A whole response head that the worker side's fast path takes: HTTP/1.1 and a final
+# status that may carry a body; groups: status code and reason, status code, header lines.
+RESPONSE_HEAD = re.compile(
+    rb"HTTP/1\.1 (((?!204|304)[2-5][0-9][0-9])(?: " + _VCHARS + rb")?)" + FIELDS
+)
 
 
 class Exchange:
@@ -65,8 +81,8 @@ class Exchange:
         "method",
         "pool",
         "replayable",
-        "request_id",
         "responded",
+        "rid",
         "sent",
         "task",
         "tried",
@@ -78,7 +94,7 @@ class Exchange:
         self.method = method
         self.head = b""
         self.pool = ""
-        self.request_id = ""
+        self.rid = b""  # the request id, as it is written in heads
         self.keep_alive = True
         self.http10 = False
         self.chunked = False  # its chunked body is still being gathered (not dispatched yet)
@@ -96,6 +112,10 @@ class Exchange:
         self.tried: set[str] = set()
         self.attempts = 0  # times the request was written to a worker
         self.task: asyncio.Task[None] | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.rid.decode("ascii")
 
 
 def frame_chunk(data: bytes) -> bytes:

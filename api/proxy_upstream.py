@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from api.balancer import Backend
-from api.proxy_exchange import HEADER_WS, HOP_BY_HOP, Exchange, frame_chunk
+from api.proxy_exchange import HOP_BY_HOP, RESPONSE_HEAD, Exchange, frame_chunk
 
 if TYPE_CHECKING:
     from api.proxy import Proxy
@@ -26,6 +27,13 @@ if TYPE_CHECKING:
 
 # A 429 passed on when every worker is busy: a slot frees within about a task's time.
 _RETRY_AFTER_BUSY = b"Retry-After: 1"
+# Framing and hop-by-hop header lines (whole line, name, value); of these, all but
+# Content-Length are dropped.
+_RESPONSE_SPECIAL = re.compile(
+    rb"(\r\n(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
+    rb"|content-length):([^\r]*))",
+    re.IGNORECASE,
+)
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -67,9 +75,10 @@ class UpstreamConnection(asyncio.Protocol):
             # A worker does not speak unasked; whatever it is, this connection is done.
             self.close()
             return
-        exchange.deadline = self.proxy.now() + self.proxy.config.upstream_timeout_s
         if not self._in_message and self._fast_response(data, exchange):
             return
+        # A response in parts: the timeout runs from its last read.
+        exchange.deadline = self.proxy.now() + self.proxy.config.upstream_timeout_s
         client = exchange.client
         try:
             self.parser.feed_data(data)
@@ -93,59 +102,55 @@ class UpstreamConnection(asyncio.Protocol):
     def _fast_response(self, data: bytes, exchange: Exchange) -> bool:
         """Relays ``data`` when it is exactly one plain response with a Content-Length.
 
-        The same strict subset as the request side; interim, bodiless, chunked and
-        partial responses go through httptools.
+        The same strict subset as the request side, checked and rewritten by regular
+        expressions over the whole head; interim, bodiless, chunked and partial
+        responses go through httptools.
         """
         end = data.find(b"\r\n\r\n")
         if end < 0 or end > self.proxy.config.max_head_bytes or exchange.method == "HEAD":
             return False
-        head = data[:end]
-        lines = head.split(b"\r\n")
-        status_line = lines[0]
-        code = status_line[9:12]
-        if (
-            head.count(b"\n") != len(lines) - 1
-            or status_line[:9] != b"HTTP/1.1 "
-            or not code.isdigit()
-            or code[:1] == b"1"
-            or code in (b"204", b"304")
-        ):
+        head = RESPONSE_HEAD.fullmatch(data, 0, end)
+        if head is None:
             return False
+        status_line, code, fields = head.groups()
         length = -1
         keep_alive = True
-        kept: list[bytes] = []
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name[:1] in HEADER_WS or name[-1:] in HEADER_WS:
-                return False
+        dropped: list[bytes] = []
+        for line, name, value in _RESPONSE_SPECIAL.findall(fields):
             lname = name.lower()
-            if lname in HOP_BY_HOP:
-                if lname == b"content-length":
-                    value = value.strip(b" \t")
-                    if length >= 0 or not value.isdigit():
-                        return False
-                    length = int(value)
-                elif lname == b"connection":
-                    keep_alive = b"close" not in value.lower()
-                elif lname == b"transfer-encoding" or lname == b"upgrade":
+            if lname == b"content-length":
+                value = value.strip(b" \t")
+                if length >= 0 or not value.isdigit():
                     return False
-                continue
-            kept.append(line)
+                length = int(value)
+            elif lname == b"connection" or lname == b"proxy-connection":
+                # NB: llhttp reads Proxy-Connection like Connection; so does this path.
+                keep_alive = keep_alive and b"close" not in value.lower()
+                dropped.append(line)
+            elif lname == b"transfer-encoding" or lname == b"upgrade":
+                return False
+            else:
+                dropped.append(line)
         if length < 0 or len(data) - end - 4 != length:
             return False
+        for line in dropped:
+            fields = fields.replace(line, b"", 1)
         if code == b"503" or code == b"429":
             if self.proxy.refused(exchange, int(code)):
                 self.proxy.replay_refused(self, exchange)
                 return True
-            if code == b"429" and b"retry-after:" not in head.lower():
-                kept.append(_RETRY_AFTER_BUSY)
+            if code == b"429" and b"\r\nretry-after:" not in fields.lower():
+                fields += b"\r\n" + _RETRY_AFTER_BUSY
         exchange.responded = True
-        kept.append(b"Content-Length: %d" % length)
-        if not exchange.keep_alive:
-            kept.append(b"Connection: close")
         exchange.client.write(
-            b"HTTP/1.1 %b\r\nX-Request-Id: %b\r\n%b\r\n\r\n%b"
-            % (status_line[9:], exchange.request_id.encode(), b"\r\n".join(kept), data[end + 4 :])
+            b"HTTP/1.1 %b\r\nX-Request-Id: %b%b%b\r\n\r\n%b"
+            % (
+                status_line,
+                exchange.rid,
+                fields,
+                b"" if exchange.keep_alive else b"\r\nConnection: close",
+                data[end + 4 :],
+            )
         )
         self.proxy.finish(self, reuse=keep_alive and not self.closed)
         return True
@@ -250,7 +255,7 @@ class UpstreamConnection(asyncio.Protocol):
             head.append(b"Connection: close\r\n")
         self._pending.append(
             b"HTTP/1.1 %d %b\r\nX-Request-Id: %b\r\n%b\r\n"
-            % (status, self._reason, exchange.request_id.encode(), b"".join(head))
+            % (status, self._reason, exchange.rid, b"".join(head))
         )
         if exchange.method == "HEAD":
             self._flush(exchange.client)
