@@ -75,6 +75,8 @@ _RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
                     "type": "array",
                     "items": _object({"field": _STR, "reason": _STR}),
                 },
+                "idempotencyKey": _STR,
+                "taskId": _STR,
             },
             required=["error"],
         ),
@@ -199,6 +201,11 @@ _UNKNOWN = _error("No such task or pool.")
 _CONFLICT = _error("The task is not in a state that allows this.")
 _TOO_LARGE = _error("The body is larger than the limit.")
 _UNAVAILABLE = _error("The queue cannot be reached; retry after ``Retry-After``.")
+_KEY_REUSED = _error(
+    "The idempotency key already names a task made from a different request "
+    "(payload, work_seconds or max_attempts differ); ``idempotencyKey`` and ``taskId`` "
+    "say which. Nothing was stored."
+)
 
 
 def _operations() -> dict[str, dict[str, Any]]:
@@ -209,8 +216,10 @@ def _operations() -> dict[str, dict[str, Any]]:
                 "summary": "Enqueue a task",
                 "description": "Stores a task durably; a worker runs it when one has room. "
                 "An ``Idempotency-Key`` header or ``idempotency_key`` field makes a retry "
-                "return the first task instead of a new one. A ``traceparent`` header puts "
-                "the task's spans into the caller's trace.",
+                "return the first task instead of a new one; the same key with a different "
+                "payload, work_seconds or max_attempts is refused with 422. Keys are scoped "
+                "to the pool. A ``traceparent`` header puts the task's spans into the caller's "
+                "trace.",
                 "requestBody": _body(EnqueueBody),
                 "responses": {
                     "202": _json_response("Stored.", _ref("Enqueued")),
@@ -218,6 +227,7 @@ def _operations() -> dict[str, dict[str, Any]]:
                     "400": _BAD,
                     "404": _UNKNOWN,
                     "413": _TOO_LARGE,
+                    "422": _KEY_REUSED,
                     "503": _UNAVAILABLE,
                 },
             }
@@ -232,6 +242,7 @@ def _operations() -> dict[str, dict[str, Any]]:
                     "400": _BAD,
                     "404": _UNKNOWN,
                     "413": _TOO_LARGE,
+                    "422": _KEY_REUSED,
                     "503": _UNAVAILABLE,
                 },
             }

@@ -35,7 +35,15 @@ from controller import telemetry
 from controller.dispatcher import retry_policy_of
 from controller.errors import QueueUnavailable, TaskNotFound, UnknownPool
 from controller.manager import Controller
-from controller.queues.base import FINAL_STATES, TASK_STATES, EnqueueRequest, Task, TaskState
+from controller.queues.base import (
+    FINAL_STATES,
+    TASK_STATES,
+    EnqueueRequest,
+    IdempotencyConflict,
+    Task,
+    TaskState,
+    request_fingerprint,
+)
 from controller.registry import WatchExpired
 
 logger = logging.getLogger(__name__)
@@ -108,14 +116,22 @@ def _enqueue_request(
     pool = controller.store.get(body.pool)
     if pool is None:
         raise UnknownPool(body.pool)
+    key = body.idempotency_key or request.headers.get("Idempotency-Key")
     return EnqueueRequest(
         pool=body.pool,
         payload=body.payload,
         work_seconds=body.work_seconds,
         max_attempts=body.max_attempts or pool.spec.delivery.max_attempts,
-        idempotency_key=body.idempotency_key or request.headers.get("Idempotency-Key"),
+        idempotency_key=key,
         # The enqueue span's context: the task's later spans join this trace.
         traceparent=telemetry.current_traceparent(),
+        # Of the body as sent: a retry that leaves max_attempts to the pool still
+        # matches after the pool's default changed.
+        fingerprint=None
+        if key is None
+        else request_fingerprint(
+            payload=body.payload, work_seconds=body.work_seconds, max_attempts=body.max_attempts
+        ),
     )
 
 
@@ -478,6 +494,10 @@ async def errors_middleware(
         return json_error(exc.status, str(exc), **exc.extra)
     except (UnknownPool, TaskNotFound) as exc:
         return json_error(404, str(exc))
+    except IdempotencyConflict as exc:
+        # 422, as draft-ietf-httpapi-idempotency-key-header (section 2.7) asks for a
+        # key reused with another payload; our 409s mean "the task's state forbids it".
+        return json_error(422, str(exc), idempotencyKey=exc.idempotency_key, taskId=exc.task_id)
     except QueueUnavailable as exc:
         retry_after = str(max(1, round(exc.retry_after_s)))
         return json_error(503, f"queue unavailable: {exc}", headers={"Retry-After": retry_after})

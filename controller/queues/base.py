@@ -11,6 +11,8 @@ send a task to.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import threading
@@ -18,6 +20,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
+
+from controller.errors import PermanentError
 
 TaskState = Literal["queued", "running", "succeeded", "failed", "dead", "cancelled"]
 TASK_STATES: tuple[TaskState, ...] = (
@@ -53,6 +57,10 @@ class Task:
     traceparent: str | None = None
     # Every worker that held a lease on this task, in order.
     history: tuple[str, ...] = ()
+    # sha256 of the request that made the task, kept only when it came with an
+    # idempotency key: a reuse of the key is compared against it. None on tasks
+    # stored before fingerprints existed.
+    fingerprint: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -119,6 +127,23 @@ class EnqueueRequest:
     idempotency_key: str | None = None
     traceparent: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # What the idempotency key is checked against; computed from the fields
+    # above when None. The API passes one made from the body as the client sent
+    # it, so a pool default that changed between two retries refuses nothing.
+    fingerprint: str | None = None
+
+
+class IdempotencyConflict(PermanentError):
+    """An idempotency key already names a task made from a different request."""
+
+    def __init__(self, *, pool: str, idempotency_key: str, task_id: str) -> None:
+        self.pool = pool
+        self.idempotency_key = idempotency_key
+        self.task_id = task_id
+        super().__init__(
+            f"idempotency key {idempotency_key!r} was already used in pool {pool!r} "
+            f"for a different request (task {task_id}); use a new key for a new task"
+        )
 
 
 class TaskQueue(Protocol):
@@ -127,8 +152,9 @@ class TaskQueue(Protocol):
     async def enqueue(self, request: EnqueueRequest) -> tuple[Task, bool]:
         """Stores a new task and returns it with ``True``.
 
-        With an idempotency key already used in the same pool, stores nothing
-        and returns the first task with ``False``.
+        With an idempotency key already used in the same pool, stores nothing:
+        the same request (``request_fingerprint``) returns the first task with
+        ``False``; a different one raises ``IdempotencyConflict``.
         """
         ...
 
@@ -240,6 +266,53 @@ def backoff_delay_s(
     return delay_s
 
 
+def request_fingerprint(
+    *, payload: Any, work_seconds: float | None, max_attempts: int | None
+) -> str:
+    """sha256 (hex) of the canonical JSON of what defines a task.
+
+    Canonical: keys sorted, no spaces, so ``{"a":1,"b":2}`` and ``{"b":2,"a":1}``
+    match. The pool is not in it (a key is scoped to its pool), nor is the
+    trace context (a retry rightly carries a new one).
+    """
+    canonical = json.dumps(
+        {
+            "payload": payload,
+            "workSeconds": None if work_seconds is None else float(work_seconds),
+            "maxAttempts": max_attempts,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def fingerprint_of(request: EnqueueRequest) -> str | None:
+    """The fingerprint to store with a task; None without an idempotency key."""
+    if request.idempotency_key is None:
+        return None
+    if request.fingerprint is not None:
+        return request.fingerprint
+    return request_fingerprint(
+        payload=request.payload,
+        work_seconds=request.work_seconds,
+        max_attempts=request.max_attempts,
+    )
+
+
+def same_request(first: Task, request: EnqueueRequest) -> Task:
+    """``first`` if ``request`` is a retry of the one that made it; else raises.
+
+    A task stored before fingerprints existed has none and matches any request:
+    refusing a retry we cannot judge would break clients that did nothing wrong.
+    """
+    if first.fingerprint is None or first.fingerprint == fingerprint_of(request):
+        return first
+    raise IdempotencyConflict(
+        pool=first.pool, idempotency_key=request.idempotency_key or "", task_id=first.id
+    )
+
+
 def holds_lease(task: Task, worker: str) -> bool:
     """True while ``worker`` holds the current lease of ``task``."""
     return task.state == "running" and task.worker == worker
@@ -261,6 +334,7 @@ def make_task(request: EnqueueRequest, *, task_id: str, now: float) -> Task:
         work_seconds=request.work_seconds,
         idempotency_key=request.idempotency_key,
         traceparent=request.traceparent,
+        fingerprint=fingerprint_of(request),
     )
 
 

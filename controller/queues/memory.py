@@ -96,7 +96,7 @@ class MemoryQueue:
         if key is not None:
             existing = self._idempotency.get((request.pool, key))
             if existing is not None:
-                return self._tasks[existing], False
+                return base.same_request(self._tasks[existing], request), False
         task = base.make_task(request, task_id=base.new_task_id(), now=self._clock())
         self._store(None, task)
         self._order.append(task.id)

@@ -66,11 +66,15 @@ _RECLAIM_BATCH = 500
 _HELD_CACHE_SIZE = 100_000
 
 # KEYS: idem, record, stream, counts, pools, idx_all, idx_pool, idx_state, idx_ps
-# ARGV: idempotency key or '', id, task json, pool
+# ARGV: idempotency key or '', id, task json, pool, record key prefix
+# Returns {1, id} or, for a key already used, {0, first id, first task json or ''}.
+# NB: touches the first task's record, not listed in KEYS (one server only).
 _ENQUEUE = """
 if ARGV[1] ~= '' then
   local existing = redis.call('HGET', KEYS[1], ARGV[1])
-  if existing then return {0, existing} end
+  if existing then
+    return {0, existing, redis.call('HGET', ARGV[5] .. existing, 'task') or ''}
+  end
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 end
 local entry = redis.call('XADD', KEYS[3], '*', 'id', ARGV[2])
@@ -391,14 +395,14 @@ class RedisQueue:
             self._index(pool=None, state="queued"),
             self._index(pool=pool, state="queued"),
         ]
-        args = [request.idempotency_key or "", task.id, _dump_task(task), pool]
-        created, task_id = await self._enqueue_script(keys=keys, args=args)
-        if created:
+        args = [request.idempotency_key or "", task.id, _dump_task(task), pool, self._record("")]
+        reply = await self._enqueue_script(keys=keys, args=args)
+        if reply[0]:
             return task, True
-        first = await self.get(task_id)
-        if first is None:
+        task_id, first_json = reply[1], reply[2]
+        if not first_json:
             raise QueueUnavailable(f"redis queue: idempotency key points at lost task {task_id}")
-        return first, False
+        return base.same_request(_load_task(first_json), request), False
 
     @_translated
     async def lease(self, pool: str, *, worker: str, lease_s: float) -> Task | None:

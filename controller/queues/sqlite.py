@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     lease_expires_at REAL,
     not_before REAL,
     traceparent TEXT,
-    history TEXT NOT NULL
+    history TEXT NOT NULL,
+    fingerprint TEXT
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency
     ON tasks (pool, idempotency_key) WHERE idempotency_key IS NOT NULL;
@@ -97,9 +98,9 @@ END;
 _COLUMNS = (
     "id, pool, state, attempts, max_attempts, created_at, work_seconds, idempotency_key, "
     "worker, payload, result, error, started_at, finished_at, lease_expires_at, not_before, "
-    "traceparent, history"
+    "traceparent, history, fingerprint"
 )
-_INSERT = f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * 18)})"
+_INSERT = f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * 19)})"
 _UPDATE = (
     "UPDATE tasks SET state = ?, attempts = ?, worker = ?, result = ?, error = ?, "
     "started_at = ?, finished_at = ?, lease_expires_at = ?, not_before = ?, history = ? "
@@ -121,6 +122,19 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout = 10000")
     conn.execute("PRAGMA foreign_keys = OFF")
     return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Brings a file made by an older Shoal up to this schema; a no-op on a new one.
+
+    Columns are only ever added, as NULL-able, so old rows stay valid and an
+    older Shoal can still read the file.
+    """
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
+    if "fingerprint" not in columns:
+        # Rows from before have no fingerprint: any retry of their key matches.
+        conn.execute("ALTER TABLE tasks ADD COLUMN fingerprint TEXT")
+        logger.info("sqlite queue: added the fingerprint column to an older file")
 
 
 def _dump(value: Any) -> str:
@@ -147,6 +161,7 @@ def _row_to_task(row: tuple[Any, ...]) -> Task:
         not_before=row[15],
         traceparent=row[16],
         history=tuple(json.loads(row[17])),
+        fingerprint=row[18],
     )
 
 
@@ -172,6 +187,7 @@ def _insert(conn: sqlite3.Connection, task: Task) -> None:
             task.not_before,
             task.traceparent,
             _dump(list(task.history)),
+            task.fingerprint,
         ),
     )
 
@@ -256,6 +272,7 @@ class _Writer(threading.Thread):
         try:
             conn = _connect(self._path)
             conn.executescript(_SCHEMA)
+            _migrate(conn)
         except BaseException as exc:
             self._startup_error = exc
             self._ready.set()
@@ -412,7 +429,7 @@ class SqliteQueue:
                     (task.pool, task.idempotency_key),
                 ).fetchone()
                 if row is not None:
-                    return _row_to_task(row), False
+                    return base.same_request(_row_to_task(row), request), False
             _insert(conn, task)
             return task, True
 

@@ -6,6 +6,7 @@ The behaviour every backend shares is in ``tests/unit/test_queue_contract.py``.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from controller.errors import QueueUnavailable
-from controller.queues import EnqueueRequest, open_queue
+from controller.queues import EnqueueRequest, IdempotencyConflict, open_queue
 from controller.queues.base import new_task_id
 from controller.queues.redis import GROUP, RedisQueue
 from tests.redis_server import _free_port, redis_server, redis_url  # noqa: F401  (fixtures)
@@ -87,7 +88,7 @@ async def test_redis_idempotency_holds_across_processes(
     results = await asyncio.gather(
         *(
             (first if n % 2 else second).enqueue(
-                EnqueueRequest(pool="p", payload=n, idempotency_key="once")
+                EnqueueRequest(pool="p", payload={"same": True}, idempotency_key="once")
             )
             for n in range(20)
         )
@@ -95,6 +96,25 @@ async def test_redis_idempotency_holds_across_processes(
     assert sum(created for _, created in results) == 1
     assert len({task.id for task, _ in results}) == 1
     assert (await first.counts("p")).queued == 1
+    with pytest.raises(IdempotencyConflict):
+        await second.enqueue(
+            EnqueueRequest(pool="p", payload={"same": False}, idempotency_key="once")
+        )
+    assert (await first.counts("p")).queued == 1
+
+
+async def test_redis_reads_a_task_stored_before_fingerprints(
+    pair: tuple[RedisQueue, RedisQueue],
+) -> None:
+    """A record without the field (an older Shoal wrote it) matches any retry of its key."""
+    first, _ = pair
+    task, _ = await first.enqueue(EnqueueRequest(pool="p", payload=1, idempotency_key="old"))
+    record = first._record(task.id)
+    stored = json.loads(await first._r.hget(record, "task"))
+    del stored["fingerprint"]
+    await first._r.hset(record, "task", json.dumps(stored))
+    again, created = await first.enqueue(EnqueueRequest(pool="p", payload=2, idempotency_key="old"))
+    assert not created and again.id == task.id and again.fingerprint is None
 
 
 async def test_redis_lease_expired_in_one_process_is_reclaimed_by_another(

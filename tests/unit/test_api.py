@@ -63,6 +63,34 @@ async def test_enqueue_with_the_same_idempotency_key_creates_nothing_new(
     assert await queue_length(client) == 1
 
 
+async def test_enqueue_reusing_a_key_for_another_request_is_refused_with_422(
+    client: TestClient[Any, Any],
+) -> None:
+    first = await client.post(
+        "/enqueue-task", json={"payload": {"n": 1}}, headers={"Idempotency-Key": "order-7"}
+    )
+    assert first.status == 202
+    first_id = (await first.json())["id"]
+    same = await client.post(
+        "/enqueue-task", json={"payload": {"n": 1}}, headers={"Idempotency-Key": "order-7"}
+    )
+    assert same.status == 200 and (await same.json())["id"] == first_id
+    for body in (
+        {"payload": {"n": 2}, "idempotency_key": "order-7"},
+        {"payload": {"n": 1}, "idempotency_key": "order-7", "max_attempts": 2},
+    ):
+        refused = await client.post("/enqueue-task", json=body)
+        assert refused.status == 422
+        error = await refused.json()
+        assert "order-7" in error["error"]
+        assert error["idempotencyKey"] == "order-7" and error["taskId"] == first_id
+    dispatched = await client.post(
+        "/dispatch-task", json={"payload": 3, "idempotency_key": "order-7", "timeout_s": 0.1}
+    )
+    assert dispatched.status == 422
+    assert await queue_length(client) == 1
+
+
 BAD_POSTS = [
     pytest.param("/enqueue-task", b"{not json", 400, id="enqueue-malformed-json"),
     pytest.param("/enqueue-task", b"", 400, id="enqueue-empty-body"),

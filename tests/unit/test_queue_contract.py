@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from controller.queues import EnqueueRequest, QueueCounts, RetryPolicy, TaskQueue, open_queue
-from controller.queues.base import backoff_delay_s, new_task_id
+from controller.queues.base import IdempotencyConflict, backoff_delay_s, new_task_id
 from controller.queues.memory import MemoryQueue
 from controller.queues.sqlite import SqliteQueue
 from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures)
@@ -88,7 +88,7 @@ async def test_get_unknown_task_returns_none(queue: TaskQueue) -> None:
 
 async def test_enqueue_same_idempotency_key_returns_first_task(queue: TaskQueue) -> None:
     first, created = await queue.enqueue(req(payload=1, idempotency_key="k1"))
-    again, created_again = await queue.enqueue(req(payload=2, idempotency_key="k1"))
+    again, created_again = await queue.enqueue(req(payload=1, idempotency_key="k1"))
     other_pool, created_other = await queue.enqueue(
         req(pool="other", payload=3, idempotency_key="k1")
     )
@@ -96,6 +96,49 @@ async def test_enqueue_same_idempotency_key_returns_first_task(queue: TaskQueue)
     assert again.id == first.id and again.payload == 1
     assert other_pool.id != first.id
     assert len(await queue.list(pool="default")) == 1
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        pytest.param({"payload": {"n": 2}}, id="payload"),
+        pytest.param({"work_seconds": 3.0}, id="work-seconds"),
+        pytest.param({"max_attempts": 2}, id="max-attempts"),
+    ],
+)
+async def test_enqueue_same_key_with_different_request_is_refused(
+    queue: TaskQueue, changed: dict[str, object]
+) -> None:
+    fields: dict[str, object] = {"payload": {"n": 1}, "work_seconds": 1.0, "max_attempts": 5}
+    first, _ = await queue.enqueue(req(idempotency_key="k1", **fields))
+    with pytest.raises(IdempotencyConflict) as refused:
+        await queue.enqueue(req(idempotency_key="k1", **{**fields, **changed}))
+    assert refused.value.idempotency_key == "k1"
+    assert refused.value.task_id == first.id
+    assert "k1" in str(refused.value)
+    assert [t.id for t in await queue.list()] == [first.id]
+    assert await queue.counts("default") == QueueCounts(queued=1, ready=1)
+
+
+async def test_enqueue_same_request_matches_whatever_the_key_order(queue: TaskQueue) -> None:
+    """The fingerprint is of canonical JSON: key order and the traceparent do not count."""
+    first, _ = await queue.enqueue(
+        req(payload={"a": 1, "b": [1, "é"]}, idempotency_key="k", traceparent="00-one")
+    )
+    again, created = await queue.enqueue(
+        req(payload={"b": [1, "é"], "a": 1}, idempotency_key="k", traceparent="00-two")
+    )
+    assert not created and again.id == first.id
+
+
+async def test_enqueue_same_key_refused_even_after_the_task_finished(queue: TaskQueue) -> None:
+    first, _ = await queue.enqueue(req(payload=1, idempotency_key="k"))
+    await queue.lease("default", worker="w", lease_s=10)
+    await queue.ack(first.id, worker="w", result=None)
+    with pytest.raises(IdempotencyConflict):
+        await queue.enqueue(req(payload=2, idempotency_key="k"))
+    again, created = await queue.enqueue(req(payload=1, idempotency_key="k"))
+    assert not created and again.state == "succeeded"
 
 
 async def test_enqueue_idempotent_after_task_progressed(queue: TaskQueue) -> None:

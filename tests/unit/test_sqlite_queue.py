@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controller.errors import QueueUnavailable
-from controller.queues import EnqueueRequest, RetryPolicy, Task, TaskQueue
+from controller.queues import EnqueueRequest, IdempotencyConflict, RetryPolicy, Task, TaskQueue
 from controller.queues.memory import MemoryQueue
 from controller.queues.sqlite import SqliteQueue
 
@@ -287,6 +287,56 @@ async def test_sqlite_sigkill_during_acks_keeps_every_ack_and_leaves_leases_held
         await reopened.close()
 
 
+# A tasks table as Shoal wrote it before fingerprints (and its idempotency index).
+_OLD_SCHEMA = """
+CREATE TABLE tasks (
+    id TEXT PRIMARY KEY, pool TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL,
+    max_attempts INTEGER NOT NULL, created_at REAL NOT NULL, work_seconds REAL,
+    idempotency_key TEXT, worker TEXT, payload TEXT NOT NULL, result TEXT, error TEXT,
+    started_at REAL, finished_at REAL, lease_expires_at REAL, not_before REAL,
+    traceparent TEXT, history TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX tasks_idempotency
+    ON tasks (pool, idempotency_key) WHERE idempotency_key IS NOT NULL;
+"""
+
+
+async def test_sqlite_opens_a_file_from_before_fingerprints(tmp_path: Path) -> None:
+    """The column is added in place; an old row's key matches any retry (it cannot be judged)."""
+    path = tmp_path / "q.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_OLD_SCHEMA)
+        conn.execute(
+            "INSERT INTO tasks VALUES ('00000000000001aaaaaaaaaa', 'p', 'queued', 0, 5, 1.0, "
+            "NULL, 'old-key', NULL, '{\"n\": 1}', NULL, NULL, NULL, NULL, NULL, NULL, NULL, '[]')"
+        )
+    conn.close()
+    queue = await SqliteQueue.open(path)
+    try:
+        old, created = await queue.enqueue(
+            EnqueueRequest(pool="p", payload={"n": 2}, idempotency_key="old-key")
+        )
+        assert not created and old.id == "00000000000001aaaaaaaaaa" and old.fingerprint is None
+        assert old.payload == {"n": 1}
+        new, created = await queue.enqueue(
+            EnqueueRequest(pool="p", payload={"n": 1}, idempotency_key="new-key")
+        )
+        assert created and new.fingerprint is not None
+        with pytest.raises(IdempotencyConflict):
+            await queue.enqueue(
+                EnqueueRequest(pool="p", payload={"n": 2}, idempotency_key="new-key")
+            )
+        assert (await queue.get(new.id)) == new
+        assert len(await queue.list(pool="p")) == 2
+    finally:
+        await queue.close()
+    reopened = await SqliteQueue.open(path)
+    try:
+        assert [t.id for t in await reopened.list()] == [old.id, new.id]
+    finally:
+        await reopened.close()
+
+
 # --- sqlite behaves exactly as the in-memory model --------------------------------
 
 _POOLS = st.sampled_from(["a", "b"])
@@ -328,9 +378,17 @@ async def _replay(queue: TaskQueue, clock: FakeClock, ops: list[tuple[Any, ...]]
     for op in ops:
         kind = op[0]
         if kind == "enqueue":
-            task, created = await queue.enqueue(
-                EnqueueRequest(pool=op[1], payload=len(ids), idempotency_key=op[2], max_attempts=3)
-            )
+            try:
+                task, created = await queue.enqueue(
+                    EnqueueRequest(
+                        pool=op[1], payload=len(ids), idempotency_key=op[2], max_attempts=3
+                    )
+                )
+            except IdempotencyConflict as exc:
+                out.append(
+                    ("conflict", exc.pool, exc.idempotency_key, norm(await queue.get(exc.task_id)))
+                )
+                continue
             if created:
                 ids.append(task.id)
             out.append((norm(task), created))
