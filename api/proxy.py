@@ -39,7 +39,7 @@ from api.balancer import Backend, make_strategy
 from api.endpoints import ControlPlane, PoolInfo
 from api.proxy_activator import Activator, PoolTable
 from api.proxy_client import ClientConnection
-from api.proxy_exchange import REASONS, Exchange, Reply, error_body
+from api.proxy_exchange import REASONS, Exchange, Outbox, Reply, error_body
 from api.proxy_upstream import UpstreamConnection
 from controller import logfields
 
@@ -107,6 +107,7 @@ class Proxy:
         }
         self._rid_prefix = secrets.token_hex(4).encode()
         self._rid_counter = itertools.count(1)
+        self.outbox = Outbox()
         self._servers: list[asyncio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._slow: set[asyncio.Task[None]] = set()
@@ -316,13 +317,13 @@ class Proxy:
         exchange.sent = True
         body = exchange.body
         if body:
-            conn.write(exchange.head + b"".join(body))
+            conn.write_soon(exchange.head + b"".join(body))
             if exchange.body_size > self.config.replay_limit_bytes:
                 exchange.replayable = False
             if not exchange.replayable:
                 body.clear()
         else:
-            conn.write(exchange.head)
+            conn.write_soon(exchange.head)
         client = exchange.client
         if client.paused:
             client.resume_reading()

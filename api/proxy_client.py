@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from api.balancer import DEFAULT_POOL, POOL_HEADER, route_of
-from api.proxy_exchange import HOP_BY_HOP, REASONS, REQUEST_HEAD, Exchange, error_body
+from api.proxy_exchange import (
+    HOP_BY_HOP,
+    REASONS,
+    REQUEST_HEAD,
+    Exchange,
+    HeldWriter,
+    error_body,
+)
 
 if TYPE_CHECKING:
     from api.proxy import Proxy
@@ -54,11 +61,13 @@ POOL_HEADER_B = POOL_HEADER.encode()
 POOLS_PREFIX = b"/pools/"
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(HeldWriter, asyncio.Protocol):
     """One connection from a client; requests on it are answered in order."""
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
+        self.outbox = proxy.outbox
+        self._held_out = []
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer = b"unknown"
@@ -380,10 +389,6 @@ class ClientConnection(asyncio.Protocol):
 
     # -- helpers ----------------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
-
     def pause_reading(self) -> None:
         if not self.paused and self.transport is not None and not self.closed:
             self.paused = True
@@ -396,6 +401,7 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
+            self.send_held()
             self.closed = True
             self.transport.close()
 

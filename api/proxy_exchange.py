@@ -1,17 +1,20 @@
 """One proxied request's record, and the HTTP/1.1 framing both sides of the proxy share.
 
 Owns ``Exchange`` (a client request on its way through one or more upstream tries: the
-rewritten head, the body held for a replay, which worker has it and what was sent) and
-the small vocabulary of the wire: hop-by-hop header names, reason phrases, chunk framing,
-the JSON error body and ``Reply`` (an answer the proxy makes itself). It does no I/O and
-makes no decisions: ``api.proxy_client`` fills an exchange, ``api.proxy.Proxy`` routes
-and retries it, and ``api.proxy_upstream`` relays its response. Internal to the proxy.
+rewritten head, the body held for a replay, which worker has it and what was sent), the
+small vocabulary of the wire (hop-by-hop header names, the fast paths' head patterns,
+reason phrases, chunk framing, the JSON error body, ``Reply``: an answer the proxy makes
+itself) and ``Outbox``, which holds whole messages until the event loop has handled its
+batch of ready connections. It makes no decisions: ``api.proxy_client`` fills an
+exchange, ``api.proxy.Proxy`` routes and retries it, and ``api.proxy_upstream`` relays
+its response. Internal to the proxy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from typing import TYPE_CHECKING
 
@@ -20,6 +23,8 @@ from api.balancer import Backend
 if TYPE_CHECKING:
     from api.proxy_client import ClientConnection
     from api.proxy_upstream import UpstreamConnection
+
+logger = logging.getLogger(__name__)
 
 HOP_BY_HOP = frozenset(
     {
@@ -116,6 +121,66 @@ class Exchange:
     @property
     def request_id(self) -> str:
         return self.rid.decode("ascii")
+
+
+class Outbox:
+    """Writes held while the event loop handles its batch of ready connections, then sent.
+
+    Sending each message the moment it is made wakes its reader (a client, a worker) once
+    per message; sending them all once the batch is handled wakes each reader about once
+    per batch. On a busy proxy those wake-ups are a large share of the kernel's work. Held
+    bytes wait at most for the rest of one loop iteration.
+    """
+
+    def __init__(self) -> None:
+        self._held: list[HeldWriter] = []
+
+    def hold(self, writer: HeldWriter) -> None:
+        if not self._held:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._held.append(writer)
+
+    def flush(self) -> None:
+        held, self._held = self._held, []
+        for writer in held:
+            try:
+                writer.send_held()
+            except Exception:  # one broken connection must not keep the others' bytes
+                logger.exception("balancer could not send held bytes to a connection")
+
+
+class HeldWriter:
+    """A connection whose whole messages may wait in an ``Outbox`` (see there).
+
+    Order on the connection is kept: a direct ``write`` and a close send what is held first.
+    """
+
+    transport: asyncio.Transport | None
+    closed: bool
+    outbox: Outbox
+    _held_out: list[bytes]
+
+    def write_soon(self, data: bytes) -> None:
+        if self.transport is None or self.closed:
+            return
+        if self._held_out:
+            self._held_out.append(data)
+        else:
+            self._held_out = [data]
+            self.outbox.hold(self)
+
+    def send_held(self) -> None:
+        out = self._held_out
+        if out:
+            self._held_out = []
+            if self.transport is not None and not self.closed:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            if self._held_out:
+                self.send_held()
+            self.transport.write(data)
 
 
 def frame_chunk(data: bytes) -> bytes:

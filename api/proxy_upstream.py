@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from api.balancer import Backend
-from api.proxy_exchange import HOP_BY_HOP, RESPONSE_HEAD, Exchange, frame_chunk
+from api.proxy_exchange import HOP_BY_HOP, RESPONSE_HEAD, Exchange, HeldWriter, frame_chunk
 
 if TYPE_CHECKING:
     from api.proxy import Proxy
@@ -36,11 +36,13 @@ _RESPONSE_SPECIAL = re.compile(
 )
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(HeldWriter, asyncio.Protocol):
     """One keep-alive connection to a worker, carrying one exchange at a time."""
 
     def __init__(self, proxy: Proxy, backend: Backend) -> None:
         self.proxy = proxy
+        self.outbox = proxy.outbox
+        self._held_out = []
         self.backend = backend
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -142,7 +144,7 @@ class UpstreamConnection(asyncio.Protocol):
             if code == b"429" and b"\r\nretry-after:" not in fields.lower():
                 fields += b"\r\n" + _RETRY_AFTER_BUSY
         exchange.responded = True
-        exchange.client.write(
+        exchange.client.write_soon(
             b"HTTP/1.1 %b\r\nX-Request-Id: %b%b%b\r\n\r\n%b"
             % (
                 status_line,
@@ -297,11 +299,8 @@ class UpstreamConnection(asyncio.Protocol):
             self, f"the worker's response head is over {limit_kib} KiB", retry=False
         )
 
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
-
     def close(self) -> None:
+        self._held_out = []  # a request held for a connection being dropped is not sent
         self.closed = True
         if self.transport is not None:
             self.transport.close()

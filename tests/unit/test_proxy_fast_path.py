@@ -11,6 +11,7 @@ but whatever it takes, it takes the way the careful path would.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,6 +136,10 @@ def forward_request(pieces: list[bytes]) -> tuple[list[Exchange], bool]:
 
 def relay_response(pieces: list[bytes], method: str = "GET") -> tuple[bytes, bool | None]:
     """Feeds a worker connection; returns what the client got and whether it was pooled."""
+    return asyncio.run(_relay(pieces, method))
+
+
+async def _relay(pieces: list[bytes], method: str) -> tuple[bytes, bool | None]:
     proxy = new_proxy()
     backend = Backend(worker_id="w1", name="w1", pool="default", host="127.0.0.1", port=1)
     proxy.on_change({"w1": backend})
@@ -150,6 +155,7 @@ def relay_response(pieces: list[bytes], method: str = "GET") -> tuple[bytes, boo
     proxy._send(exchange, backend, conn)
     for piece in pieces:
         conn.data_received(piece)
+    await asyncio.sleep(0)  # the outbox sends held writes once the loop is through its batch
     pooled = conn in proxy.idle.get("w1", []) if conn.exchange is None else None
     return b"".join(client_transport.out), pooled
 
@@ -350,3 +356,69 @@ def test_the_fast_response_path_rewrites_the_head_in_place() -> None:
     assert pooled is True
     closing, pooled = relay_response([data.replace(b"keep-alive", b"close")])
     assert pooled is False and b"onnection" not in closing
+
+
+# -- the outbox ---------------------------------------------------------------------------
+
+
+async def test_held_writes_leave_after_the_batch_in_order() -> None:
+    proxy = new_proxy()
+    client = ClientConnection(proxy)
+    transport = FakeTransport()
+    client.connection_made(transport)  # type: ignore[arg-type]
+
+    client.write_soon(b"one ")
+    client.write_soon(b"two ")
+    assert transport.out == [], "nothing leaves while the loop is still in its batch"
+    await asyncio.sleep(0)
+    assert transport.out == [b"one two "], "one write for what was held"
+
+    client.write_soon(b"three ")
+    client.write(b"four")
+    assert transport.out[1:] == [b"three ", b"four"], "a direct write sends the held first"
+    await asyncio.sleep(0)
+    assert len(transport.out) == 3, "nothing is sent twice"
+
+
+async def test_a_closing_client_gets_what_was_held_and_a_dropped_worker_does_not() -> None:
+    proxy = new_proxy()
+    client = ClientConnection(proxy)
+    client_transport = FakeTransport()
+    client.connection_made(client_transport)  # type: ignore[arg-type]
+    backend = Backend(worker_id="w1", name="w1", pool="default", host="127.0.0.1", port=1)
+    worker = UpstreamConnection(proxy, backend)
+    worker_transport = FakeTransport()
+    worker.connection_made(worker_transport)  # type: ignore[arg-type]
+
+    client.write_soon(b"last answer")
+    client.close()
+    worker.write_soon(b"GET / HTTP/1.1\r\n\r\n")
+    worker.close()
+    await asyncio.sleep(0)
+
+    assert client_transport.out == [b"last answer"] and client_transport.closed
+    assert worker_transport.out == [] and worker_transport.closed
+
+
+async def test_a_connection_that_fails_to_send_does_not_hold_back_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Broken(FakeTransport):
+        def write(self, data: bytes) -> None:
+            raise RuntimeError("the handle is closed")
+
+    proxy = new_proxy()
+    broken, fine = ClientConnection(proxy), ClientConnection(proxy)
+    broken.connection_made(Broken())  # type: ignore[arg-type]
+    fine_transport = FakeTransport()
+    fine.connection_made(fine_transport)  # type: ignore[arg-type]
+
+    broken.write_soon(b"lost")
+    fine.write_soon(b"kept")
+    await asyncio.sleep(0)
+
+    assert fine_transport.out == [b"kept"]
+    assert "could not send held bytes" in caplog.text
+    fine.write_soon(b"again")
+    await asyncio.sleep(0)
+    assert fine_transport.out == [b"kept", b"again"], "the outbox is still in service"
