@@ -6,7 +6,8 @@ when to lease or retry (the dispatcher and API call it). redis-py errors become
 
 Layout (``P`` is the key prefix, ``shoal`` by default):
 
-- ``P:task:{id}`` hash: ``task`` (the task as JSON) and ``entry`` (its stream entry, if any)
+- ``P:task:{id}`` hash: ``task`` (the task as JSON), ``entry`` (its stream entry, if
+  any), ``state``, and ``hist``/``attempts``/``started`` (copies the lease script needs)
 - ``P:stream:{pool}`` stream of task ids waiting to be leased, read through the
   consumer group ``shoal``; a leased task's entry stays pending until the lease ends
 - ``P:delayed:{pool}`` zset of tasks backing off, by ``not_before``
@@ -14,12 +15,15 @@ Layout (``P`` is the key prefix, ``shoal`` by default):
 - ``P:idem:{pool}`` hash idempotency key -> id; ``P:counts:{pool}`` hash state -> n
 - ``P:idx:...`` zsets of ids (score 0, ordered by id) for ``list`` by pool and/or state
 
-Every change is a compare-and-set script: Python applies the shared transition
-from ``controller.queues.base`` to the JSON it read, and the script writes the
-result only if the stored JSON is still that one, updating every index in the
-same atomic step. A process that dies between XREADGROUP and that write leaves
-an entry pending with its task still queued; ``reclaim_expired`` finds such
-entries with XAUTOCLAIM and puts them back in the stream.
+Every change but a lease is a compare-and-set script: Python applies the
+shared transition from ``controller.queues.base`` to the JSON it read, and the
+script writes the result only if the stored JSON is still that one, updating
+every index in the same atomic step. A lease is one script call that picks a
+task and applies ``base.leased`` itself (see ``_LEASE``); an ack, fail or
+extend of a lease this process handed out is one call too (its JSON is kept).
+A record from an older Shoal is leased in two steps; a process that dies
+between them leaves an entry pending with its task still queued, and
+``reclaim_expired`` finds such entries with XAUTOCLAIM and puts them back.
 """
 
 from __future__ import annotations
@@ -78,7 +82,8 @@ if ARGV[1] ~= '' then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 end
 local entry = redis.call('XADD', KEYS[3], '*', 'id', ARGV[2])
-redis.call('HSET', KEYS[2], 'task', ARGV[3], 'entry', entry, 'state', 'queued')
+redis.call('HSET', KEYS[2], 'task', ARGV[3], 'entry', entry, 'state', 'queued',
+           'hist', '[]', 'attempts', 0, 'started', '')
 redis.call('HINCRBY', KEYS[4], 'queued', 1)
 redis.call('SADD', KEYS[5], ARGV[4])
 for i = 6, 9 do redis.call('ZADD', KEYS[i], 0, ARGV[2]) end
@@ -88,7 +93,8 @@ return {1, ARGV[2]}
 # KEYS: record, counts, leases, stream, delayed, idx_old_state, idx_new_state,
 #       idx_ps_old, idx_ps_new
 # ARGV: expected json, new json, id, old state, new state, lease expiry or '',
-#       where ('stream' | 'delayed' | 'keep' | ''), not_before, group
+#       where ('stream' | 'delayed' | 'keep' | ''), not_before, group,
+#       history json, attempts, started_at or ''
 _APPLY = """
 if redis.call('HGET', KEYS[1], 'task') ~= ARGV[1] then return 0 end
 local entry = redis.call('HGET', KEYS[1], 'entry') or ''
@@ -116,17 +122,27 @@ if ARGV[6] ~= '' then
 else
   redis.call('ZREM', KEYS[3], ARGV[3])
 end
-redis.call('HSET', KEYS[1], 'task', ARGV[2], 'entry', entry, 'state', ARGV[5])
+redis.call('HSET', KEYS[1], 'task', ARGV[2], 'entry', entry, 'state', ARGV[5],
+           'hist', ARGV[10], 'attempts', ARGV[11], 'started', ARGV[12])
 return 1
 """
 
-# Moves tasks whose back-off ended into the stream, then reads the next entry
-# for this process's consumer, dropping entries whose task is no longer queued
-# there (cancelled, or re-added under a newer entry).
-# KEYS: delayed, stream. ARGV: now, record key prefix, group, consumer.
-# Returns {entry, id, task json} or nil.
+# The whole of a lease in one call. Moves tasks whose back-off ended into the
+# stream, reads the next entry for this process's consumer (dropping entries
+# whose task is no longer queued there: cancelled, or re-added under a newer
+# entry) and marks that task leased, as ``base.leased`` would.
+# It never parses the task JSON (Lua's cjson would round numbers in payloads):
+# it appends the changed fields to the object, and a JSON reader keeps the last
+# of duplicate names (Python's json does, as documented). The next write from
+# Python stores a clean object again. ``hist``, ``attempts`` and ``started``
+# are the record fields the append needs; a record without them (stored by an
+# older Shoal) is returned unleased for Python to lease by compare-and-set.
+# KEYS: delayed, stream, counts, leases, idx_state_queued, idx_state_running,
+#       idx_ps_queued, idx_ps_running
+# ARGV: now, record key prefix, group, consumer, worker as JSON, lease expiry
+# Returns {entry, id, leased task json, 1}, {entry, id, task json, 0} or nil.
 # NB: touches record keys not listed in KEYS; fine on one server, not on a cluster.
-_PICK = """
+_LEASE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
 for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[1], id)
@@ -139,9 +155,31 @@ for _ = 1, 100 do
   if not reply then return nil end
   local entry = reply[1][2][1][1]
   local id = reply[1][2][1][2][2]
-  local record = redis.call('HMGET', ARGV[2] .. id, 'task', 'entry', 'state')
+  local key = ARGV[2] .. id
+  local record = redis.call('HMGET', key, 'task', 'entry', 'state', 'hist', 'attempts', 'started')
   if record[1] and record[2] == entry and record[3] == 'queued' then
-    return {entry, id, record[1]}
+    if not record[4] then return {entry, id, record[1], 0} end
+    local attempts = tonumber(record[5]) + 1
+    local hist = '[' .. ARGV[5] .. ']'
+    if record[4] ~= '[]' then hist = string.sub(record[4], 1, -2) .. ',' .. ARGV[5] .. ']' end
+    local changed = ',"state":"running","attempts":' .. attempts .. ',"worker":' .. ARGV[5]
+      .. ',"lease_expires_at":' .. ARGV[6]
+    local started = record[6]
+    if started == '' then
+      started = ARGV[1]
+      changed = changed .. ',"started_at":' .. started
+    end
+    local task = string.sub(record[1], 1, -2) .. changed .. ',"history":' .. hist .. '}'
+    redis.call('HSET', key, 'task', task, 'state', 'running', 'hist', hist,
+               'attempts', attempts, 'started', started)
+    redis.call('HINCRBY', KEYS[3], 'queued', -1)
+    redis.call('HINCRBY', KEYS[3], 'running', 1)
+    redis.call('ZREM', KEYS[5], id)
+    redis.call('ZADD', KEYS[6], 0, id)
+    redis.call('ZREM', KEYS[7], id)
+    redis.call('ZADD', KEYS[8], 0, id)
+    redis.call('ZADD', KEYS[4], ARGV[6], id)
+    return {entry, id, task, 1}
   end
   redis.call('XACK', KEYS[2], ARGV[3], entry)
   redis.call('XDEL', KEYS[2], entry)
@@ -217,7 +255,7 @@ class RedisQueue:
         self._held_json: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._enqueue_script = client.register_script(_ENQUEUE)
         self._apply_script = client.register_script(_APPLY)
-        self._pick_script = client.register_script(_PICK)
+        self._lease_script = client.register_script(_LEASE)
 
     @classmethod
     @_translated
@@ -310,6 +348,9 @@ class RedisQueue:
             where,
             repr(new.not_before or 0.0),
             GROUP,
+            json.dumps(list(new.history)),
+            str(new.attempts),
+            "" if new.started_at is None else repr(new.started_at),
         ]
         written = bool(await self._apply_script(keys=keys, args=args))
         if not written:
@@ -407,25 +448,56 @@ class RedisQueue:
     @_translated
     async def lease(self, pool: str, *, worker: str, lease_s: float) -> Task | None:
         await self._ensure_group(pool)
+        keys = [
+            self._delayed(pool),
+            self._stream(pool),
+            self._counts(pool),
+            self._leases,
+            self._index(pool=None, state="queued"),
+            self._index(pool=None, state="running"),
+            self._index(pool=pool, state="queued"),
+            self._index(pool=pool, state="running"),
+        ]
         while True:
-            picked = await self._pick_script(
-                keys=[self._delayed(pool), self._stream(pool)],
-                args=[repr(self._clock()), f"{self._p}:task:", GROUP, self._consumer],
-            )
+            now = self._clock()
+            # repr: the shortest text that reads back as the same float.
+            args = [
+                repr(now),
+                self._record(""),
+                GROUP,
+                self._consumer,
+                json.dumps(worker),
+                repr(now + lease_s),
+            ]
+            picked = await self._lease_script(keys=keys, args=args)
             if picked is None:
                 return None
-            entry, task_id, old_json = picked
-            while True:
-                old = _load_task(old_json)
-                new = base.leased(old, worker=worker, now=self._clock(), lease_s=lease_s)
-                if await self._apply(old_json, old, new, where="keep") is not None:
-                    return new
-                # Changed between pick and write. Still queued under the entry we
-                # hold: try again; otherwise (cancelled, requeued) pick another.
-                read = await self._read(task_id)
-                if read is None or read[1] != entry or _load_task(read[0]).state != "queued":
-                    break
-                old_json = read[0]
+            entry, task_id, task_json, leased = picked
+            if leased:
+                task = _load_task(task_json)
+                self._remember(task, task_json)
+                return task
+            slow = await self._lease_by_compare_and_set(
+                entry, task_id, task_json, worker=worker, lease_s=lease_s
+            )
+            if slow is not None:
+                return slow
+
+    async def _lease_by_compare_and_set(
+        self, entry: str, task_id: str, old_json: str, *, worker: str, lease_s: float
+    ) -> Task | None:
+        """Leases a task whose record predates the one-call lease; None if it moved on."""
+        while True:
+            old = _load_task(old_json)
+            new = base.leased(old, worker=worker, now=self._clock(), lease_s=lease_s)
+            if await self._apply(old_json, old, new, where="keep") is not None:
+                return new
+            # Changed between pick and write. Still queued under the entry we
+            # hold: try again; otherwise (cancelled, requeued) pick another.
+            read = await self._read(task_id)
+            if read is None or read[1] != entry or _load_task(read[0]).state != "queued":
+                return None
+            old_json = read[0]
 
     def _held(
         self, worker: str, change: Callable[[Task, float], Task], *, requeue: bool = False

@@ -117,6 +117,39 @@ async def test_redis_reads_a_task_stored_before_fingerprints(
     assert not created and again.id == task.id and again.fingerprint is None
 
 
+async def test_redis_lease_keeps_payload_numbers_exact(
+    pair: tuple[RedisQueue, RedisQueue],
+) -> None:
+    """The lease script never re-encodes the payload: big ints, floats and [] survive."""
+    first, second = pair
+    payload = {"big": 2**63 + 1, "f": 0.1 + 0.2, "empty": [], "obj": {}, "s": 'é\u2028"x'}
+    task, _ = await first.enqueue(EnqueueRequest(pool="p", payload=payload))
+    leased = await second.lease("p", worker='w"1\u00e9', lease_s=30)
+    assert leased is not None and leased.payload == payload
+    assert leased.worker == 'w"1\u00e9' and leased.history == ('w"1\u00e9',)
+    assert await first.get(task.id) == leased
+    assert await second.ack(task.id, worker='w"1\u00e9', result=[]) is True
+    done = await first.get(task.id)
+    assert done is not None and done.payload == payload and done.result == []
+
+
+async def test_redis_leases_a_record_stored_before_the_lease_script(
+    pair: tuple[RedisQueue, RedisQueue],
+) -> None:
+    """An older Shoal's record lacks the fields the script needs; it is leased all the same."""
+    first, second = pair
+    task, _ = await first.enqueue(EnqueueRequest(pool="p", payload=1))
+    await first._r.hdel(first._record(task.id), "hist", "attempts", "started")
+    leased = await second.lease("p", worker="w1", lease_s=10)
+    assert leased is not None and leased.id == task.id and leased.attempts == 1
+    assert await first.get(task.id) == leased
+    fields = await first._r.hmget(first._record(task.id), ["hist", "attempts", "started"])
+    assert fields == ['["w1"]', "1", repr(leased.started_at)], "the write brought them back"
+    assert await second.release(task.id, worker="w1") is True
+    again = await first.lease("p", worker="w2", lease_s=10)
+    assert again is not None and again.history == ("w1", "w2") and again.attempts == 1
+
+
 async def test_redis_lease_expired_in_one_process_is_reclaimed_by_another(
     redis_url: str,  # noqa: F811
     prefix: str,
