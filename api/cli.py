@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("SHOAL_QUEUE", "sqlite://"),
         help="queue URL: sqlite:// (in --state-dir), sqlite:///abs/path.db, memory://, redis://",
     )
+    up.add_argument(
+        "--task-retention",
+        default=os.environ.get("SHOAL_TASK_RETENTION", "7d"),
+        help="prune finished tasks this long after they finish, e.g. 24h or 7d; 0 keeps all",
+    )
     up.add_argument("--host", default="127.0.0.1", help="address the API binds (default: loopback)")
     up.add_argument(
         "--api-token-file",
@@ -138,7 +143,9 @@ async def _up(args: argparse.Namespace) -> int:
     args.state_dir.mkdir(parents=True, exist_ok=True)
     runtime = await pick_runtime(args.runtime, instance=args.instance)
     try:
-        queue = await open_queue(args.queue, state_dir=args.state_dir)
+        queue = await open_queue(
+            args.queue, state_dir=args.state_dir, task_retention=args.task_retention
+        )
     except ValueError as exc:
         await runtime.close()
         raise SystemExit(f"shoal: {exc}") from exc

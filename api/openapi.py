@@ -218,7 +218,8 @@ def _operations() -> dict[str, dict[str, Any]]:
                 "An ``Idempotency-Key`` header or ``idempotency_key`` field makes a retry "
                 "return the first task instead of a new one; the same key with a different "
                 "payload, work_seconds or max_attempts is refused with 422. Keys are scoped "
-                "to the pool. A ``traceparent`` header puts the task's spans into the caller's "
+                "to the pool and free again once their task was pruned (``--task-retention``). "
+                "A ``traceparent`` header puts the task's spans into the caller's "
                 "trace.",
                 "requestBody": _body(EnqueueBody),
                 "responses": {

@@ -218,6 +218,15 @@ class TaskQueue(Protocol):
         """Puts a dead or failed task back in the queue with fresh attempts."""
         ...
 
+    async def prune(self, *, retention_s: float, limit: int = 500) -> int:
+        """Deletes up to ``limit`` final tasks that finished ``retention_s`` ago or earlier.
+
+        Final: succeeded, failed, dead or cancelled; queued and running tasks
+        are never deleted. Oldest ``finished_at`` first (then id), by the queue's clock.
+        A pruned task's idempotency key is free again. Returns how many went.
+        """
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -10,9 +10,16 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from controller.queues.base import TaskQueue
+from controller.queues.retention import parse_duration_s
+
+if TYPE_CHECKING:
+    from controller.queues.memory import MemoryQueue
+    from controller.queues.redis import RedisQueue
+    from controller.queues.sqlite import SqliteQueue
 
 logger = logging.getLogger(__name__)
 
@@ -24,12 +31,35 @@ async def open_queue(
     *,
     state_dir: Path,
     clock: Callable[[], float] = time.time,
+    task_retention: str | float | None = None,
 ) -> TaskQueue:
     """Opens the backend ``url`` names; ``await`` it, then ``close()`` when done.
 
     ``memory://``; ``sqlite://`` (``state_dir/queue.db``) or ``sqlite:///abs/path.db``;
     ``redis://host:port/db``. Anything else raises ``ValueError``.
+
+    ``task_retention`` (seconds, or text such as ``"7d"``; 0 or None: keep every
+    task) starts the job that prunes finished tasks that much older; the queue's
+    ``close`` stops it. A retention that does not parse raises ``ValueError``.
     """
+    retention_s = (
+        parse_duration_s(task_retention)
+        if isinstance(task_retention, str)
+        else float(task_retention or 0.0)
+    )
+    queue = await _open(url, state_dir=state_dir, clock=clock)
+    if retention_s > 0:
+        queue.start_retention(retention_s=retention_s)
+        logger.info("finished tasks are pruned %s s after they finish", retention_s)
+    return queue
+
+
+async def _open(
+    url: str,
+    *,
+    state_dir: Path,
+    clock: Callable[[], float],
+) -> MemoryQueue | SqliteQueue | RedisQueue:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "memory":
@@ -61,7 +91,7 @@ async def _open_sqlite(
     *,
     state_dir: Path,
     clock: Callable[[], float],
-) -> TaskQueue:
+) -> SqliteQueue:
     from controller.queues.sqlite import SqliteQueue
 
     if netloc:

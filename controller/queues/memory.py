@@ -26,6 +26,7 @@ from controller.queues.base import (
     Task,
     TaskState,
 )
+from controller.queues.retention import DEFAULT_INTERVAL_S, RetentionJob
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class MemoryQueue:
         self._pools: dict[str, _PoolIndex] = {}
         self._idempotency: dict[tuple[str, str], str] = {}
         self._running: set[str] = set()
+        self._retention: RetentionJob | None = None
 
     def _pool(self, pool: str) -> _PoolIndex:
         index = self._pools.get(pool)
@@ -112,8 +114,8 @@ class MemoryQueue:
         self._promote_due(index, now=now)
         while index.ready:
             task_id = heapq.heappop(index.ready)
-            task = self._tasks[task_id]
-            if task.state != "queued" or task_id in index.delayed_ids:
+            task = self._tasks.get(task_id)  # None: pruned since it was queued
+            if task is None or task.state != "queued" or task_id in index.delayed_ids:
                 continue
             return self._store(task, base.leased(task, worker=worker, now=now, lease_s=lease_s))
         return None
@@ -230,5 +232,33 @@ class MemoryQueue:
             return task
         return self._store(task, base.redriven(task))
 
+    async def prune(self, *, retention_s: float, limit: int = 500) -> int:
+        cutoff = self._clock() - retention_s
+        # A scan: this backend holds test-sized queues, not millions of tasks.
+        old = sorted(
+            (task.finished_at, task.id)
+            for task in self._tasks.values()
+            if task.state in base.FINAL_STATES
+            and task.finished_at is not None
+            and task.finished_at <= cutoff
+        )[: max(0, limit)]
+        for _, task_id in old:
+            task = self._tasks.pop(task_id)
+            self._pool(task.pool).counts[task.state] -= 1
+            if task.idempotency_key is not None:
+                self._idempotency.pop((task.pool, task.idempotency_key), None)
+        if old:
+            gone = {task_id for _, task_id in old}
+            self._order = [task_id for task_id in self._order if task_id not in gone]
+        return len(old)
+
+    def start_retention(
+        self, *, retention_s: float, interval_s: float = DEFAULT_INTERVAL_S
+    ) -> None:
+        """Prunes finished tasks every ``interval_s`` until ``close``."""
+        self._retention = RetentionJob(self.prune, retention_s=retention_s, interval_s=interval_s)
+        self._retention.start()
+
     async def close(self) -> None:
-        return None
+        if self._retention is not None:
+            await self._retention.stop()

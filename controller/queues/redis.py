@@ -14,6 +14,7 @@ Layout (``P`` is the key prefix, ``shoal`` by default):
 - ``P:leases`` zset of running tasks, by ``lease_expires_at``
 - ``P:idem:{pool}`` hash idempotency key -> id; ``P:counts:{pool}`` hash state -> n
 - ``P:idx:...`` zsets of ids (score 0, ordered by id) for ``list`` by pool and/or state
+- ``P:finished`` zset of tasks in a final state, by ``finished_at``, for pruning
 
 Every change but a lease is a compare-and-set script: Python applies the
 shared transition from ``controller.queues.base`` to the JSON it read, and the
@@ -55,6 +56,7 @@ from controller.queues.base import (
     Task,
     TaskState,
 )
+from controller.queues.retention import DEFAULT_INTERVAL_S, RetentionJob
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +93,10 @@ return {1, ARGV[2]}
 """
 
 # KEYS: record, counts, leases, stream, delayed, idx_old_state, idx_new_state,
-#       idx_ps_old, idx_ps_new
+#       idx_ps_old, idx_ps_new, finished
 # ARGV: expected json, new json, id, old state, new state, lease expiry or '',
 #       where ('stream' | 'delayed' | 'keep' | ''), not_before, group,
-#       history json, attempts, started_at or ''
+#       history json, attempts, started_at or '', finished_at if final or ''
 _APPLY = """
 if redis.call('HGET', KEYS[1], 'task') ~= ARGV[1] then return 0 end
 local entry = redis.call('HGET', KEYS[1], 'entry') or ''
@@ -121,6 +123,11 @@ if ARGV[6] ~= '' then
   redis.call('ZADD', KEYS[3], ARGV[6], ARGV[3])
 else
   redis.call('ZREM', KEYS[3], ARGV[3])
+end
+if ARGV[13] ~= '' then
+  redis.call('ZADD', KEYS[10], ARGV[13], ARGV[3])
+else
+  redis.call('ZREM', KEYS[10], ARGV[3])
 end
 redis.call('HSET', KEYS[1], 'task', ARGV[2], 'entry', entry, 'state', ARGV[5],
            'hist', ARGV[10], 'attempts', ARGV[11], 'started', ARGV[12])
@@ -186,6 +193,23 @@ for _ = 1, 100 do
 end
 return nil
 """
+
+# Deletes one final task if it is still stored as read, with every index entry
+# and its idempotency key (only if the key still names this task).
+# KEYS: record, counts, finished, idx_all, idx_pool, idx_state, idx_ps, idem
+# ARGV: expected json, id, state, idempotency key or ''
+_DELETE = """
+if redis.call('HGET', KEYS[1], 'task') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HINCRBY', KEYS[2], ARGV[3], -1)
+for i = 3, 7 do redis.call('ZREM', KEYS[i], ARGV[2]) end
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[8], ARGV[4]) == ARGV[2] then
+  redis.call('HDEL', KEYS[8], ARGV[4])
+end
+return 1
+"""
+
+_PRUNE_BACKFILL_PAGE = 500
 
 Where = Literal["stream", "delayed", "keep", ""]
 
@@ -256,6 +280,9 @@ class RedisQueue:
         self._enqueue_script = client.register_script(_ENQUEUE)
         self._apply_script = client.register_script(_APPLY)
         self._lease_script = client.register_script(_LEASE)
+        self._delete_script = client.register_script(_DELETE)
+        self._retention: RetentionJob | None = None
+        self._finished_backfilled = False
 
     @classmethod
     @_translated
@@ -314,6 +341,10 @@ class RedisQueue:
     def _pools(self) -> str:
         return f"{self._p}:pools"
 
+    @property
+    def _finished(self) -> str:
+        return f"{self._p}:finished"
+
     # --- the compare-and-set core --------------------------------------------
 
     async def _read(self, task_id: str) -> tuple[str, str] | None:
@@ -337,6 +368,7 @@ class RedisQueue:
             self._index(pool=None, state=new.state),
             self._index(pool=new.pool, state=old.state),
             self._index(pool=new.pool, state=new.state),
+            self._finished,
         ]
         args = [
             old_json,
@@ -351,6 +383,7 @@ class RedisQueue:
             json.dumps(list(new.history)),
             str(new.attempts),
             "" if new.started_at is None else repr(new.started_at),
+            repr(new.finished_at or 0.0) if new.state in base.FINAL_STATES else "",
         ]
         written = bool(await self._apply_script(keys=keys, args=args))
         if not written:
@@ -668,5 +701,90 @@ class RedisQueue:
         task, _ = await self._change(task_id, decide)
         return task
 
+    @_translated
+    async def prune(self, *, retention_s: float, limit: int = 500) -> int:
+        cutoff = self._clock() - retention_s
+        if not self._finished_backfilled:
+            await self._backfill_finished()
+        ids: list[str] = await self._r.zrangebyscore(
+            self._finished, "-inf", repr(cutoff), start=0, num=max(0, limit)
+        )
+        if not ids:
+            return 0
+        async with self._r.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                pipe.hget(self._record(task_id), "task")
+            texts: list[str | None] = await pipe.execute()
+        # One flag per queued command: True for a delete, False for a cleanup.
+        deletes: list[bool] = []
+        async with self._r.pipeline(transaction=False) as pipe:
+            for task_id, text in zip(ids, texts, strict=True):
+                task = None if text is None else _load_task(text)
+                if text is None or task is None or task.state not in base.FINAL_STATES:
+                    # Gone, or redriven after the read above: not ours to delete.
+                    pipe.zrem(self._finished, task_id)
+                    deletes.append(False)
+                    continue
+                if (task.finished_at or 0.0) > cutoff:
+                    continue
+                self._held_json.pop(task_id, None)
+                keys = [
+                    self._record(task_id),
+                    self._counts(task.pool),
+                    self._finished,
+                    self._index(pool=None, state=None),
+                    self._index(pool=task.pool, state=None),
+                    self._index(pool=None, state=task.state),
+                    self._index(pool=task.pool, state=task.state),
+                    f"{self._p}:idem:{task.pool}",
+                ]
+                args = [text, task_id, task.state, task.idempotency_key or ""]
+                await self._delete_script(keys=keys, args=args, client=pipe)
+                deletes.append(True)
+            replies = await pipe.execute()
+        return sum(1 for delete, reply in zip(deletes, replies, strict=True) if delete and reply)
+
+    async def _backfill_finished(self) -> None:
+        """Indexes final tasks stored before ``P:finished`` existed; once per Redis."""
+        done_key = f"{self._finished}:backfilled"
+        if await self._r.exists(done_key):
+            self._finished_backfilled = True
+            return
+        for state in sorted(base.FINAL_STATES):
+            start = "-"
+            while True:
+                ids: list[str] = await self._r.zrangebylex(
+                    self._index(pool=None, state=state),
+                    start,
+                    "+",
+                    start=0,
+                    num=_PRUNE_BACKFILL_PAGE,
+                )
+                if not ids:
+                    break
+                async with self._r.pipeline(transaction=False) as pipe:
+                    for task_id in ids:
+                        pipe.hget(self._record(task_id), "task")
+                    texts = await pipe.execute()
+                scores = {
+                    task.id: task.finished_at or 0.0
+                    for task in (_load_task(text) for text in texts if text is not None)
+                    if task.state in base.FINAL_STATES
+                }
+                if scores:
+                    await self._r.zadd(self._finished, scores, nx=True)
+                start = f"({ids[-1]}"
+        await self._r.set(done_key, "1")
+        self._finished_backfilled = True
+
+    def start_retention(
+        self, *, retention_s: float, interval_s: float = DEFAULT_INTERVAL_S
+    ) -> None:
+        """Prunes finished tasks every ``interval_s`` until ``close``."""
+        self._retention = RetentionJob(self.prune, retention_s=retention_s, interval_s=interval_s)
+        self._retention.start()
+
     async def close(self) -> None:
+        if self._retention is not None:
+            await self._retention.stop()
         await self._r.aclose()

@@ -34,6 +34,7 @@ from controller.queues.base import (
     Task,
     TaskState,
 )
+from controller.queues.retention import DEFAULT_INTERVAL_S, RetentionJob
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ CREATE INDEX IF NOT EXISTS tasks_state ON tasks (state, id);
 CREATE INDEX IF NOT EXISTS tasks_lease ON tasks (lease_expires_at) WHERE state = 'running';
 CREATE INDEX IF NOT EXISTS tasks_delayed
     ON tasks (pool, not_before) WHERE state = 'queued' AND not_before IS NOT NULL;
+-- Finished tasks by age, for pruning (only final states set finished_at).
+CREATE INDEX IF NOT EXISTS tasks_finished
+    ON tasks (finished_at, id) WHERE finished_at IS NOT NULL;
 -- Per-pool counters kept by triggers, so counts() reads a handful of rows
 -- however many finished tasks the table holds.
 CREATE TABLE IF NOT EXISTS pool_counts (
@@ -94,6 +98,8 @@ CREATE TRIGGER IF NOT EXISTS tasks_count_delete AFTER DELETE ON tasks BEGIN
     UPDATE pool_counts SET n = n - 1 WHERE pool = old.pool AND state = old.state;
 END;
 """
+
+_FINAL_STATES_SQL = ", ".join(f"'{state}'" for state in sorted(base.FINAL_STATES))
 
 _COLUMNS = (
     "id, pool, state, attempts, max_attempts, created_at, work_seconds, idempotency_key, "
@@ -379,6 +385,7 @@ class SqliteQueue:
         self._reader_pool = ThreadPoolExecutor(1, thread_name_prefix="shoal-sqlite-reader")
         self._reader_local = threading.local()
         self._closed = False
+        self._retention: RetentionJob | None = None
 
     @classmethod
     async def open(
@@ -577,10 +584,34 @@ class SqliteQueue:
 
         return await self._write(op)
 
+    async def prune(self, *, retention_s: float, limit: int = 500) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            cutoff = self._clock() - retention_s
+            # The pool_counts trigger and the unique index follow the delete: the
+            # counts drop and the idempotency key is free.
+            cursor = conn.execute(
+                "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks "
+                "WHERE finished_at IS NOT NULL AND finished_at <= ? "
+                f"AND state IN ({_FINAL_STATES_SQL}) ORDER BY finished_at, id LIMIT ?)",
+                (cutoff, max(0, limit)),
+            )
+            return cursor.rowcount
+
+        return await self._write(op)
+
+    def start_retention(
+        self, *, retention_s: float, interval_s: float = DEFAULT_INTERVAL_S
+    ) -> None:
+        """Prunes finished tasks every ``interval_s`` until ``close``."""
+        self._retention = RetentionJob(self.prune, retention_s=retention_s, interval_s=interval_s)
+        self._retention.start()
+
     async def close(self) -> None:
         """Finishes queued writes, then stops both threads. Idempotent."""
         if self._closed:
             return
+        if self._retention is not None:
+            await self._retention.stop()
         self._closed = True
         self._writer.stop()
         loop = asyncio.get_running_loop()

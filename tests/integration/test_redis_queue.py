@@ -150,6 +150,29 @@ async def test_redis_leases_a_record_stored_before_the_lease_script(
     assert again is not None and again.history == ("w1", "w2") and again.attempts == 1
 
 
+async def test_redis_prune_finds_tasks_finished_before_the_index_existed(
+    redis_url: str,  # noqa: F811
+    prefix: str,
+) -> None:
+    now = [1000.0]
+    queue = await RedisQueue.open(redis_url, prefix=prefix, clock=lambda: now[0])
+    try:
+        old, _ = await queue.enqueue(EnqueueRequest(pool="p", payload=1, idempotency_key="k"))
+        await queue.cancel(old.id)
+        young, _ = await queue.enqueue(EnqueueRequest(pool="p", payload=2))
+        await queue.cancel(young.id)
+        # As an older Shoal left them: no P:finished index at all.
+        await queue._r.delete(f"{prefix}:finished")
+        now[0] += 100
+        assert await queue.prune(retention_s=50) == 2
+        assert await queue.get(old.id) is None and await queue.get(young.id) is None
+        assert await queue._r.hlen(f"{prefix}:idem:p") == 0
+        assert await queue._r.zcard(f"{prefix}:idx:all") == 0
+        assert (await queue.counts("p")).cancelled == 0
+    finally:
+        await queue.close()
+
+
 async def test_redis_lease_expired_in_one_process_is_reclaimed_by_another(
     redis_url: str,  # noqa: F811
     prefix: str,

@@ -14,6 +14,7 @@ import pytest
 from controller.queues import EnqueueRequest, QueueCounts, RetryPolicy, TaskQueue, open_queue
 from controller.queues.base import IdempotencyConflict, backoff_delay_s, new_task_id
 from controller.queues.memory import MemoryQueue
+from controller.queues.retention import RetentionJob, parse_duration_s
 from controller.queues.sqlite import SqliteQueue
 from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures)
 
@@ -428,6 +429,169 @@ async def test_concurrent_leases_hand_each_task_out_once(queue: TaskQueue) -> No
     leased = [task_id for got in results for task_id in got]
     assert len(leased) == len(ids)
     assert set(leased) == ids
+
+
+async def _one_of_each_state(queue: TaskQueue) -> dict[str, str]:
+    """One task in every final state, one running, one queued and one backing off.
+
+    Each has the idempotency key ``k-<name>``; returns name -> id.
+    """
+    names = ("succeeded", "failed", "dead", "cancelled", "running", "queued", "retried")
+    ids = {}
+    for name in names:
+        task, _ = await queue.enqueue(
+            req(
+                payload=name,
+                max_attempts=3 if name == "retried" else 1,
+                idempotency_key=f"k-{name}",
+            )
+        )
+        ids[name] = task.id
+    await queue.cancel(ids["cancelled"])
+    for _ in range(6):
+        assert await queue.lease("default", worker="w", lease_s=10_000) is not None
+    await queue.ack(ids["succeeded"], worker="w", result=1)
+    await queue.fail(ids["failed"], worker="w", error="e", retry=None, permanent=True)
+    await queue.fail(ids["dead"], worker="w", error="e", retry=None)
+    await queue.release(ids["queued"], worker="w")
+    await queue.fail(ids["retried"], worker="w", error="e", retry=NO_JITTER)
+    return ids
+
+
+async def test_prune_deletes_only_final_tasks_past_retention(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
+    ids = await _one_of_each_state(queue)
+    clock.advance(100)
+    assert await queue.prune(retention_s=101) == 0, "nothing is old enough yet"
+    fresh, _ = await queue.enqueue(req(payload="fresh"))
+    await queue.lease("default", worker="w2", lease_s=10_000)  # an older queued task
+    clock.advance(50)
+
+    pruned = await queue.prune(retention_s=100)
+
+    assert pruned == 4
+    left = {t.id for t in await queue.list(limit=1000)}
+    gone = {ids[s] for s in ("succeeded", "failed", "dead", "cancelled")}
+    assert not left & gone
+    assert left == set(ids.values()) - gone | {fresh.id}
+    for task_id in gone:
+        assert await queue.get(task_id) is None
+    counts = await queue.counts("default")
+    assert (counts.succeeded, counts.failed, counts.dead, counts.cancelled) == (0, 0, 0, 0)
+    assert (counts.queued, counts.running) == (2, 2)
+    assert await queue.list(state="succeeded") == []
+
+
+async def test_prune_frees_the_idempotency_key_of_a_pruned_task(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
+    ids = await _one_of_each_state(queue)
+    clock.advance(10)
+    assert await queue.prune(retention_s=5) == 4
+    again, created = await queue.enqueue(req(payload="other", idempotency_key="k-succeeded"))
+    assert created and again.id != ids["succeeded"]
+    still, created = await queue.enqueue(
+        req(payload="running", max_attempts=1, idempotency_key="k-running")
+    )
+    assert not created and still.id == ids["running"]
+    still, created = await queue.enqueue(
+        req(payload="retried", max_attempts=3, idempotency_key="k-retried")
+    )
+    assert not created and still.id == ids["retried"]
+
+
+async def test_prune_works_in_batches_oldest_first(queue: TaskQueue, clock: FakeClock) -> None:
+    ids = []
+    for n in range(7):
+        task, _ = await queue.enqueue(req(payload=n))
+        await queue.cancel(task.id)
+        ids.append(task.id)
+        clock.advance(1)
+    clock.advance(100)
+    assert await queue.prune(retention_s=50, limit=3) == 3
+    assert [t.id for t in await queue.list()] == ids[3:]
+    assert await queue.prune(retention_s=50, limit=3) == 3
+    assert await queue.prune(retention_s=50, limit=3) == 1
+    assert await queue.prune(retention_s=50, limit=3) == 0
+    assert await queue.counts("default") == QueueCounts()
+
+
+async def test_prune_keeps_a_redriven_task_until_it_finishes_again(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
+    ids = await _one_of_each_state(queue)
+    clock.advance(100)
+    await queue.redrive(ids["dead"])
+    await queue.prune(retention_s=10)
+    back = await queue.get(ids["dead"])
+    assert back is not None and back.state == "queued"
+
+
+async def test_retention_job_prunes_in_batches_until_one_comes_back_short(
+    clock: FakeClock,
+) -> None:
+    queue = MemoryQueue(clock=clock)
+    for n in range(7):
+        task, _ = await queue.enqueue(req(payload=n))
+        await queue.cancel(task.id)
+    calls: list[int] = []
+
+    async def counting_prune(*, retention_s: float, limit: int) -> int:
+        pruned = await queue.prune(retention_s=retention_s, limit=limit)
+        calls.append(pruned)
+        return pruned
+
+    job = RetentionJob(counting_prune, retention_s=60, batch_size=3)
+    assert await job.run_once() == 0, "nothing is a minute old yet"
+    clock.advance(60)
+    assert await job.run_once() == 7
+    assert calls == [0, 3, 3, 1]
+    assert await queue.list() == []
+
+
+async def test_open_queue_with_retention_prunes_until_closed(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    queue = await open_queue(
+        f"sqlite://{tmp_path}/q.db", state_dir=tmp_path, clock=clock, task_retention="1h"
+    )
+    try:
+        assert isinstance(queue, SqliteQueue) and queue._retention is not None
+        assert queue._retention.retention_s == 3600
+        task, _ = await queue.enqueue(req())
+        await queue.cancel(task.id)
+        clock.advance(3600)
+        # The first tick runs at start; this one is the same work, run now.
+        assert await queue._retention.run_once() == 1
+    finally:
+        await queue.close()
+    assert queue._retention is not None and queue._retention._task is None
+    kept = await open_queue("memory://", state_dir=tmp_path, task_retention="0")
+    assert isinstance(kept, MemoryQueue) and kept._retention is None
+    with pytest.raises(ValueError, match="duration"):
+        await open_queue("memory://", state_dir=tmp_path, task_retention="soon")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        pytest.param("7d", 7 * 86400.0, id="days"),
+        pytest.param("24h", 86400.0, id="hours"),
+        pytest.param("30m", 1800.0, id="minutes"),
+        pytest.param("90s", 90.0, id="seconds"),
+        pytest.param("3600", 3600.0, id="bare-number"),
+        pytest.param("0", 0.0, id="off"),
+    ],
+)
+def test_parse_duration_reads_units(text: str, seconds: float) -> None:
+    assert parse_duration_s(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "d", "-1h", "7w", "inf", "nan"])
+def test_parse_duration_refuses_nonsense(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration_s(text)
 
 
 def test_backoff_delay_doubles_up_to_max() -> None:

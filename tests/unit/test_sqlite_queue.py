@@ -354,6 +354,7 @@ _OPS = st.lists(
         st.tuples(st.just("redrive"), _TASK),
         st.tuples(st.just("reclaim")),
         st.tuples(st.just("advance"), st.sampled_from([0.5, 1.0, 10.0, 40.0])),
+        st.tuples(st.just("prune"), st.sampled_from([0.0, 5.0, 30.0])),
     ),
     max_size=40,
 )
@@ -411,6 +412,8 @@ async def _replay(queue: TaskQueue, clock: FakeClock, ops: list[tuple[Any, ...]]
             out.append(norm(await queue.redrive(task_id(op[1]))))
         elif kind == "reclaim":
             out.append(await queue.reclaim_expired())
+        elif kind == "prune":
+            out.append(await queue.prune(retention_s=op[1], limit=2))
         else:
             clock.now += op[1]
         out.append([await queue.counts(pool) for pool in ("a", "b")])
