@@ -563,7 +563,8 @@ class Proxy:
                         pool.wake()
 
     async def _sweep(self) -> None:
-        """Times out slow workers (504), idle pooled connections and idle clients."""
+        """Times out slow workers (504), chunked bodies that stall (408), idle pooled
+        connections and idle clients."""
         while True:
             await asyncio.sleep(self.config.sweep_interval_s)
             now = self.now()
@@ -580,8 +581,12 @@ class Proxy:
                 self.idle[worker_id] = keep
             client_limit = now - self.config.client_idle_s
             for client in list(self.clients):
-                if not client.queue and client.idle_since < client_limit:
-                    client.close()
+                queue = client.queue
+                if not queue:
+                    if client.idle_since < client_limit:
+                        client.close()
+                elif queue[-1].chunked and now > queue[-1].deadline:
+                    client.time_out_body()
 
     def _time_out(self, conn: UpstreamConnection, exchange: Exchange) -> None:
         conn.exchange = None

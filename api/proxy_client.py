@@ -87,6 +87,8 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
         self._in_head = False
         self._head_bytes = 0
         self._linger_bytes = 0
+        # An answer refusing a bad request, sent once the requests before it are answered.
+        self._refusal = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -104,12 +106,15 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
         if self.closed:
             self._drop(data)
             return
+        if self._refusal:
+            return  # read before the pause took hold; nothing after a bad request counts
         if not self._in_message and not self.queue and self._fast_request(data):
             return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._refuse(501, "protocol upgrades are not supported by the balancer")
+            return
         except httptools.HttpParserError as exc:
             self._refuse(400, f"malformed request: {exc}")
             return
@@ -177,7 +182,7 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self.closed:
+        if self.closed or self._refusal:
             return
         size = len(self._url) + sum(len(line) for line in self._fields)
         if size > self.proxy.config.max_head_bytes:
@@ -249,7 +254,9 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
             self._parsing = exchange
         self.queue.append(exchange)
         if exchange.chunked:
-            # Dispatched once the whole body is in (``on_message_complete``).
+            # Dispatched once the whole body is in (``on_message_complete``); until then
+            # the deadline bounds how long the client may take to send it.
+            exchange.deadline = self.proxy.now() + self.proxy.config.client_idle_s
             return
         if len(self.queue) == 1:
             self.proxy.dispatch(exchange)
@@ -395,22 +402,42 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.paused and self.transport is not None and not self.closed:
+        if self.paused and self.transport is not None and not self.closed and not self._refusal:
             self.paused = False
             self.transport.resume_reading()
 
     def close(self) -> None:
-        if self.transport is not None and not self.closed:
+        """Closes now: sends what is held, and cuts a lingering close short too."""
+        transport = self.transport
+        if transport is None:
+            return
+        if not self.closed:
             self.send_held()
             self.closed = True
-            self.transport.close()
+        if not transport.is_closing():
+            transport.close()
 
     def _refuse(self, status: int, message: str) -> None:
+        """Answers a request that cannot be read with ``status``, then closes.
+
+        Requests read whole before it still get their answers first, in order (a client
+        matches answers to pipelined requests by their order); the request cut short is
+        dropped, and nothing more is read.
+        """
         body = error_body(status, message, "")
-        self.write(
+        refusal = (
             b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
             b"Connection: close\r\n\r\n%b" % (status, REASONS[status].encode(), len(body), body)
         )
+        queue = self.queue
+        while queue and not queue[-1].body_done:
+            self.proxy.abandon(queue.pop())
+        self._parsing = None
+        if queue:
+            self.pause_reading()
+            self._refusal = refusal
+            return
+        self.write(refusal)
         self._linger()
 
     def _linger(self) -> None:
@@ -430,6 +457,10 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
             transport.close()
             return
         transport.write_eof()
+        if self.paused:
+            # Read and drop what the client still sends, and see its close.
+            self.paused = False
+            transport.resume_reading()
         self._linger_bytes = _LINGER_BYTES
         asyncio.get_running_loop().call_later(_LINGER_S, transport.close)
 
@@ -437,6 +468,11 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
         self._linger_bytes -= len(data)
         if self._linger_bytes < 0 and self.transport is not None:
             self.transport.close()
+
+    def time_out_body(self) -> None:
+        """The chunked body being gathered did not come whole in time: 408, then close."""
+        limit_s = self.proxy.config.client_idle_s
+        self._refuse(408, f"the chunked request body did not arrive within {limit_s:g}s")
 
     def _refuse_large_head(self) -> None:
         limit_kib = self.proxy.config.max_head_bytes // 1024
@@ -451,7 +487,13 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
         if not exchange.keep_alive or exchange.closing or not exchange.body_done:
             self.close()
             return
-        if queue and not queue[0].chunked:
-            self.proxy.dispatch(queue[0])
+        if queue:
+            if not queue[0].chunked:
+                self.proxy.dispatch(queue[0])
+        elif self._refusal:
+            refusal, self._refusal = self._refusal, b""
+            self.write(refusal)
+            self._linger()
+            return
         if self.paused:
             self.resume_reading()

@@ -41,6 +41,7 @@ HOP_BY_HOP = frozenset(
 REASONS = {
     400: "Bad Request",
     404: "Not Found",
+    408: "Request Timeout",
     411: "Length Required",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",

@@ -622,6 +622,28 @@ async def test_pipelined_requests_are_answered_in_order(
     assert data.index(b"/first") < data.index(b"/second") < data.index(b"/third")
 
 
+async def test_a_bad_request_after_good_pipelined_ones_is_refused_after_their_answers(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
+) -> None:
+    h = await make_harness()
+    worker = await workers("a")
+    h.add(worker)
+    host, port = h.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /second HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+        b"NOT HTTP AT ALL\r\n\r\n"
+        b"GET /never HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    data = await asyncio.wait_for(reader.read(), timeout=5)
+    writer.close()
+    answers = data.split(b"HTTP/1.1 ")[1:]
+    assert [a[:3] for a in answers] == [b"200", b"200", b"400"], data
+    assert b"/first" in answers[0] and b"/second" in answers[1]
+    assert worker.hits == ["/first", "/second"], "nothing after the bad request is forwarded"
+
+
 # -- following the registry over HTTP ------------------------------------------------------
 
 MANIFEST = """
@@ -1086,3 +1108,28 @@ async def test_an_absolute_form_target_is_routed_like_origin_form(
     assert b'"x-forwarded-host": "shoal.example"' in first
     assert b'"x-forwarded-prefix": "/pools/batch"' in first
     assert b'"worker": "a"' in second and b'"path": "/?z=2"' in second
+
+
+async def test_a_chunked_body_that_stalls_gets_408_and_the_requests_before_it_their_answers(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
+) -> None:
+    h = await make_harness(client_idle_s=30.0)
+    worker = await workers("a")
+    h.add(worker)
+    host, port = h.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /slow HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+    )
+    await _until(lambda: worker.hits == ["/first"])
+    h.clock.now += 29.0
+    await asyncio.sleep(0.05)  # a few sweeps: not yet
+    assert h.proxy.clients and not writer.is_closing()
+    h.clock.now += 2.0
+    data = await asyncio.wait_for(reader.read(), timeout=5)
+    writer.close()
+    answers = data.split(b"HTTP/1.1 ")[1:]
+    assert [a[:3] for a in answers] == [b"200", b"408"], data
+    assert b"did not arrive within 30s" in answers[1]
+    assert worker.hits == ["/first"]
