@@ -340,8 +340,11 @@ class Proxy:
         worker_id = conn.backend.worker_id
         self._unload(worker_id)
         now = self.now()
+        # NB: a worker may answer before it has read the whole request body; a connection
+        # with part of a body unsent would take the next request for the rest of it.
         if (
             reuse
+            and exchange.body_done
             and not conn.closed
             and worker_id in self.routable
             and not (self.ejected and worker_id in self.ejected)

@@ -23,32 +23,48 @@ import httptools
 from api.balancer import DEFAULT_POOL, POOL_HEADER, route_of
 from api.proxy_exchange import (
     HOP_BY_HOP,
+    PLAIN_CONNECTION,
     REASONS,
     REQUEST_HEAD,
     Exchange,
     HeldWriter,
     error_body,
+    hop_by_hop_listed,
+    listed_headers,
 )
 
 if TYPE_CHECKING:
     from api.proxy import Proxy
 
+# Headers about the client that only a proxy may set: a client's own are dropped (or,
+# for X-Forwarded-For, appended to), so a worker cannot be told a made-up origin.
 _REQUEST_OWN = frozenset(
-    {b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-request-id"}
+    {
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-proto",
+        b"x-real-ip",
+        b"x-request-id",
+    }
 )
 # The fast path takes only what it fully understands; the rest goes through httptools.
 # Header names the fast path must look at: framing and hop-by-hop ones, those the proxy
 # sets itself, the Host and the pool header. Other lines pass through as they are.
 _REQUEST_SPECIAL = re.compile(
     rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
-    rb"|expect|content-length|host|x-forwarded-for|x-forwarded-host|x-forwarded-proto"
-    rb"|x-request-id|" + re.escape(POOL_HEADER.encode()) + rb"):([^\r]*)",
+    rb"|expect|content-length|host|x-forwarded-for|x-forwarded-host|x-forwarded-port"
+    rb"|x-forwarded-prefix|x-forwarded-proto|x-real-ip|x-request-id|"
+    + re.escape(POOL_HEADER.encode())
+    + rb"):([^\r]*)",
     re.IGNORECASE,
 )
 # Of those, the lines not forwarded (the proxy writes its own X-Forwarded-* and id).
 _REQUEST_DROPPED = re.compile(
     rb"\r\n(?:connection|keep-alive|proxy-connection|te|trailer|x-forwarded-for"
-    rb"|x-forwarded-host|x-forwarded-proto|x-request-id):[^\r]*",
+    rb"|x-forwarded-host|x-forwarded-port|x-forwarded-prefix|x-forwarded-proto|x-real-ip"
+    rb"|x-request-id):[^\r]*",
     re.IGNORECASE,
 )
 _FAST_REFUSED = frozenset({b"expect", b"transfer-encoding", b"upgrade"})
@@ -59,6 +75,24 @@ _LINGER_S = 2.0
 _LINGER_BYTES = 4 * 1024 * 1024
 POOL_HEADER_B = POOL_HEADER.encode()
 POOLS_PREFIX = b"/pools/"
+
+
+def origin_form(target: bytes) -> tuple[bytes, bytes]:
+    """The path and query of an absolute-form target, and its authority (else empty).
+
+    RFC 9112 section 3.2.2: a server must accept ``GET http://host/path``, and the
+    authority in it wins over a Host header. Other targets are returned as they are.
+    """
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return target, b""
+    cut = len(rest)
+    for delimiter in (b"/", b"?"):
+        at = rest.find(delimiter)
+        if at != -1 and at < cut:
+            cut = at
+    path = rest[cut:]
+    return (path if path.startswith(b"/") else b"/" + path), rest[:cut]
 
 
 class ClientConnection(HeldWriter, asyncio.Protocol):
@@ -77,7 +111,11 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
         self.idle_since = proxy.now()
         self._parsing: Exchange | None = None
         self._url = b""
-        self._fields: list[bytes] = []
+        # The header lines to forward (name, line led by CRLF), as httptools reads them.
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._hosts = 0
+        self._listed: set[bytes] = set()  # header names the Connection header lists
+        self._codings = b""  # a Transfer-Encoding other than chunked, refused with 501
         self._host = b""
         self._pool_header: bytes | None = None
         self._forwarded_for = b""
@@ -152,6 +190,9 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
         self._url = b""
         self._fields = []
         self._host = b""
+        self._hosts = 0
+        self._listed = set()
+        self._codings = b""
         self._pool_header = None
         self._forwarded_for = b""
         self._request_id = b""
@@ -163,10 +204,15 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         lname = name.lower()
         if lname in HOP_BY_HOP:
-            if lname == b"transfer-encoding" or lname == b"content-length":
+            if lname == b"content-length":
                 self._framing = lname
-                if lname == b"content-length":
-                    self._fields.append(b"\r\nContent-Length: %b" % value)
+                self._fields.append((lname, b"\r\nContent-Length: %b" % value))
+            elif lname == b"transfer-encoding":
+                self._framing = lname
+                if value.strip(b" \t").lower() != b"chunked":
+                    self._codings = value
+            elif lname == b"connection" or lname == b"proxy-connection":
+                self._listed |= hop_by_hop_listed(value)
             return
         if lname in _REQUEST_OWN:
             if lname == b"x-forwarded-for":
@@ -176,25 +222,53 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
             return
         if lname == b"host":
             self._host = value
+            self._hosts += 1
         elif lname == POOL_HEADER_B:
             self._pool_header = value
-        self._fields.append(b"\r\n%b: %b" % (name, value))
+        self._fields.append((lname, b"\r\n%b: %b" % (name, value)))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         if self.closed or self._refusal:
             return
-        size = len(self._url) + sum(len(line) for line in self._fields)
+        parser = self.parser
+        if parser.should_upgrade():
+            return  # refused with 501 when httptools raises HttpParserUpgrade after this
+        fields = self._fields
+        size = len(self._url) + sum(len(line) for _, line in fields)
         if size > self.proxy.config.max_head_bytes:
             self._refuse_large_head()
             return
-        parser = self.parser
+        version = parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            self._refuse(505, f"HTTP/{version} is not supported; send HTTP/1.1")
+            return
+        if self._hosts > 1 or (self._hosts == 0 and version == "1.1"):
+            # RFC 9112 section 3.2: a server must answer 400 to either.
+            self._refuse(400, "an HTTP/1.1 request needs exactly one Host header")
+            return
+        if self._codings:
+            self._refuse(
+                501,
+                f"transfer coding {self._codings.decode('latin-1')!r} is not supported; "
+                "send the body plain or only chunked",
+            )
+            return
+        url = self._url
+        if url[:1] != b"/":
+            url, authority = origin_form(url)
+            if authority:
+                # RFC 9112 section 3.2.2: the target's authority replaces the Host header.
+                self._host = authority
+                host_line = (b"host", b"\r\nHost: %b" % authority)
+                fields = [host_line, *(f for f in fields if f[0] != b"host")]
+        listed = self._listed
         self._open(
             parser.get_method(),
-            self._url,
-            b"".join(self._fields),
+            url,
+            b"".join(line for lname, line in fields if lname not in listed),
             keep_alive=parser.should_keep_alive(),
-            http10=parser.get_http_version() == "1.0",
+            http10=version == "1.0",
             body=None,
         )
 
@@ -218,8 +292,6 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
         exchange.http10 = http10
         exchange.chunked = self._framing == b"transfer-encoding"
         exchange.rid = self.proxy.request_id(self._request_id)
-        if url[:1] != b"/":
-            url = self._origin_form(url)
         if self._pool_header is None and not url.startswith(POOLS_PREFIX):
             pool, path = DEFAULT_POOL, url
         else:
@@ -264,25 +336,6 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
             # A pipelined request waits for the one before it; stop reading meanwhile.
             self.pause_reading()
 
-    def _origin_form(self, target: bytes) -> bytes:
-        """The path and query of an absolute-form target; its authority becomes the host.
-
-        RFC 9112 section 3.2.2: a server must accept ``GET http://host/path``, and the
-        authority in it wins over a Host header. Other targets are returned as they are.
-        """
-        scheme, sep, rest = target.partition(b"://")
-        if not sep or scheme.lower() not in (b"http", b"https"):
-            return target
-        cut = len(rest)
-        for delimiter in (b"/", b"?"):
-            at = rest.find(delimiter)
-            if at != -1 and at < cut:
-                cut = at
-        if cut:
-            self._host = rest[:cut]
-        path = rest[cut:]
-        return path if path.startswith(b"/") else b"/" + path
-
     def _fast_request(self, data: bytes) -> bool:
         """Handles ``data`` when it is exactly one plain HTTP/1.1 request; else returns False.
 
@@ -300,6 +353,7 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
             return False
         method, target, fields = head.groups()
         host = b""
+        hosts = 0
         pool_header: bytes | None = None
         forwarded_for = b""
         request_id = b""
@@ -310,8 +364,9 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
             lname = name.lower()
             value = value.strip(b" \t")
             if lname == b"host":
-                if host:
+                if hosts:
                     return False
+                hosts += 1
                 host = value
             elif lname == b"content-length":
                 if length >= 0 or not value.isdigit():
@@ -319,9 +374,9 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
                 length = int(value)
             elif lname == b"connection" or lname == b"proxy-connection":
                 # NB: llhttp reads Proxy-Connection like Connection; so does this path.
-                tokens = value.lower()
-                if b"upgrade" in tokens:
-                    return False
+                tokens = listed_headers(value)
+                if not tokens <= PLAIN_CONNECTION:
+                    return False  # an upgrade, or headers to drop: httptools' path
                 keep_alive = keep_alive and b"close" not in tokens
                 drop = True
             elif lname == POOL_HEADER_B:
@@ -337,7 +392,7 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
             else:
                 drop = True
         body = data[end + 4 :]
-        if len(body) != max(length, 0):
+        if len(body) != max(length, 0) or not hosts:
             return False
         if drop:
             fields = _REQUEST_DROPPED.sub(b"", fields)
@@ -452,6 +507,7 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
         for exchange in self.queue:
             self.proxy.abandon(exchange)
         self.queue.clear()
+        self.send_held()
         self.closed = True
         if not transport.can_write_eof():
             transport.close()
@@ -484,7 +540,14 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
         if queue and queue[0] is exchange:
             del queue[0]
         self.idle_since = now
-        if not exchange.keep_alive or exchange.closing or not exchange.body_done:
+        if not exchange.body_done:
+            # Answered before its body was all read: the rest of it must not be taken for
+            # the next request, so nothing more is read. A lingering close lets the client
+            # read the answer rather than a reset (RFC 9112 section 9.6).
+            self._parsing = None
+            self._linger()
+            return
+        if not exchange.keep_alive or exchange.closing:
             self.close()
             return
         if queue:

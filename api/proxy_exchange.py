@@ -49,6 +49,7 @@ REASONS = {
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
 }
 HEADER_WS = (b" ", b"\t")
 _TCHAR = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]"
@@ -122,6 +123,30 @@ class Exchange:
     @property
     def request_id(self) -> str:
         return self.rid.decode("ascii")
+
+
+# Connection header tokens that name no other header (RFC 9110 section 7.6.1).
+PLAIN_CONNECTION = frozenset({b"close", b"keep-alive"})
+
+
+# Headers a Connection header may not take away: the message's framing and its Host.
+_NEVER_LISTED = frozenset({b"content-length", b"transfer-encoding", b"host"})
+
+
+def listed_headers(connection: bytes) -> set[bytes]:
+    """The lowercased tokens of a Connection header's value (empty ones left out)."""
+    tokens = {token.strip(b" \t") for token in connection.lower().split(b",")}
+    tokens.discard(b"")
+    return tokens
+
+
+def hop_by_hop_listed(connection: bytes) -> set[bytes]:
+    """The header names a Connection header lists, to be dropped (RFC 9110 section 7.6.1).
+
+    Framing headers and Host are never dropped this way: a message framed by a length
+    that the next hop cannot see would be read differently there.
+    """
+    return listed_headers(connection) - PLAIN_CONNECTION - _NEVER_LISTED
 
 
 class Outbox:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import socket
 from typing import TYPE_CHECKING, cast
@@ -19,19 +20,31 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from api.balancer import Backend
-from api.proxy_exchange import HOP_BY_HOP, RESPONSE_HEAD, Exchange, HeldWriter, frame_chunk
+from api.proxy_exchange import (
+    HOP_BY_HOP,
+    PLAIN_CONNECTION,
+    RESPONSE_HEAD,
+    Exchange,
+    HeldWriter,
+    frame_chunk,
+    hop_by_hop_listed,
+    listed_headers,
+)
+from controller import logfields
 
 if TYPE_CHECKING:
     from api.proxy import Proxy
     from api.proxy_client import ClientConnection
 
+logger = logging.getLogger(__name__)
+
 # A 429 passed on when every worker is busy: a slot frees within about a task's time.
 _RETRY_AFTER_BUSY = b"Retry-After: 1"
-# Framing and hop-by-hop header lines (whole line, name, value); of these, all but
-# Content-Length are dropped.
+# Framing and hop-by-hop header lines and the worker's X-Request-Id (whole line, name,
+# value); of these, all but Content-Length are dropped.
 _RESPONSE_SPECIAL = re.compile(
     rb"(\r\n(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
-    rb"|content-length):([^\r]*))",
+    rb"|content-length|x-request-id):([^\r]*))",
     re.IGNORECASE,
 )
 
@@ -50,12 +63,18 @@ class UpstreamConnection(HeldWriter, asyncio.Protocol):
         self.idle_since = 0.0
         self.closed = False
         self._reason = b""
-        self._headers: list[bytes] = []
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._listed: set[bytes] = set()
         self._framing = b""
         self._interim = False
         self._out_chunked = False
         self._until_close = False
         self._retrying = False
+        # A final response was parsed whole in this read (``_reuse``: may the connection be
+        # pooled); anything the worker sent after it (``_extra``) is never relayed.
+        self._complete = False
+        self._reuse = False
+        self._extra = False
         self._in_message = False
         self._in_head = False
         self._head_bytes = 0
@@ -85,8 +104,13 @@ class UpstreamConnection(HeldWriter, asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._flush(client)
-            self.proxy.upstream_broken(self, f"bad response from worker: {exc}")
+            if not self._complete:
+                self._flush(client)
+                self.proxy.upstream_broken(self, f"bad response from worker: {exc}")
+                return
+            self._extra = True
+        if self._complete:
+            self._finish_message()
             return
         if self._in_head:
             self._head_bytes += len(data)
@@ -94,6 +118,28 @@ class UpstreamConnection(HeldWriter, asyncio.Protocol):
                 self._refuse_large_head()
                 return
         self._flush(client)
+
+    def _finish_message(self) -> None:
+        """Relays the end of the response and hands the connection back to the proxy.
+
+        RFC 9112 section 6.3: bytes after a complete response are neither relayed nor
+        taken for the next response; the connection that sent them is not reused.
+        """
+        exchange = self.exchange
+        self._complete = False
+        if self._extra:
+            self._extra = False
+            self._reuse = False
+            logger.warning(
+                "worker %s sent bytes after its response (request %s); dropped them and "
+                "its connection",
+                self.backend.name,
+                exchange.request_id if exchange is not None else "?",
+                extra={logfields.WORKER_ID: self.backend.worker_id[:12]},
+            )
+        if exchange is not None:
+            self._flush(exchange.client)
+        self.proxy.finish(self, reuse=self._reuse)
 
     def _flush(self, client: ClientConnection) -> None:
         # One write per read: a response's head and body leave in one syscall.
@@ -127,7 +173,10 @@ class UpstreamConnection(HeldWriter, asyncio.Protocol):
                 length = int(value)
             elif lname == b"connection" or lname == b"proxy-connection":
                 # NB: llhttp reads Proxy-Connection like Connection; so does this path.
-                keep_alive = keep_alive and b"close" not in value.lower()
+                tokens = listed_headers(value)
+                if not tokens <= PLAIN_CONNECTION:
+                    return False  # it names headers to drop: httptools' path does that
+                keep_alive = keep_alive and b"close" not in tokens
                 dropped.append(line)
             elif lname == b"transfer-encoding" or lname == b"upgrade":
                 return False
@@ -136,6 +185,8 @@ class UpstreamConnection(HeldWriter, asyncio.Protocol):
         if length < 0 or len(data) - end - 4 != length:
             return False
         for line in dropped:
+            # NB: no line before a dropped one can start with its bytes (the pattern would
+            # have matched that line first), so the first occurrence is the line itself.
             fields = fields.replace(line, b"", 1)
         if code == b"503" or code == b"429":
             if self.proxy.refused(exchange, int(code)):
@@ -168,6 +219,7 @@ class UpstreamConnection(HeldWriter, asyncio.Protocol):
             return
         if self._until_close and exchange.responded:
             self.on_message_complete()
+            self._finish_message()
             return
         self.proxy.upstream_broken(
             self, "worker closed the connection" if exc is None else str(exc)
@@ -184,45 +236,72 @@ class UpstreamConnection(HeldWriter, asyncio.Protocol):
     # -- httptools callbacks -------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._complete:
+            self._extra = True
+            return
         self._in_message = True
         self._in_head = True
         self._head_bytes = 0
         self._headers = []
+        self._listed = set()
         self._framing = b""
         self._reason = b""
         self._until_close = False
 
     def on_status(self, status: bytes) -> None:
-        self._reason += status
+        if not self._extra:
+            self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._extra:
+            return
         lname = name.lower()
         if lname in HOP_BY_HOP:
             if lname == b"transfer-encoding" or lname == b"content-length":
                 self._framing = lname
                 if lname == b"content-length":
-                    self._headers.append(b"Content-Length: %b\r\n" % value)
+                    self._headers.append((lname, b"Content-Length: %b\r\n" % value))
+            elif lname == b"connection" or lname == b"proxy-connection":
+                self._listed |= hop_by_hop_listed(value)
             return
-        self._headers.append(b"%b: %b\r\n" % (name, value))
+        if lname == b"x-request-id":
+            return  # the balancer's own goes to the client
+        self._headers.append((lname, b"%b: %b\r\n" % (name, value)))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         exchange = self.exchange
-        if exchange is None:
+        if exchange is None or self._extra:
             return
-        size = len(self._reason) + sum(len(line) for line in self._headers)
+        size = len(self._reason) + sum(len(line) for _, line in self._headers)
         if size > self.proxy.config.max_head_bytes:
             self._refuse_large_head()
             return
         status = self.parser.get_status_code()
+        if status == 101 or not 100 <= status <= 599:
+            self._pending = []
+            why = (
+                "the worker switched protocols (101), which the balancer does not relay"
+                if status == 101
+                else f"the worker answered status {status}"
+            )
+            self.proxy.upstream_broken(self, why, retry=False)
+            return
+        listed = self._listed
+        # Headers the worker's Connection header names are hop-by-hop too (RFC 9110 7.6.1);
+        # a response without a body states no Content-Length (RFC 9110 8.6).
+        drop_length = status < 200 or status == 204
+        head = [
+            line
+            for lname, line in self._headers
+            if lname not in listed and not (drop_length and lname == b"content-length")
+        ]
         if 100 <= status < 200:
             self._interim = True
-            if status != 101:
-                self._pending.append(
-                    b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, self._reason, b"".join(self._headers))
-                )
+            self._pending.append(
+                b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, self._reason, b"".join(head))
+            )
             return
-        head = self._headers
         if status == 503 or status == 429:
             if self.proxy.refused(exchange, status):
                 # Refused unread (draining or busy): another worker gets it once this ends.
@@ -266,11 +345,13 @@ class UpstreamConnection(HeldWriter, asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         exchange = self.exchange
-        if exchange is None or self._retrying:
+        if exchange is None or self._retrying or self._extra:
             return
         self._pending.append(frame_chunk(body) if self._out_chunked else body)
 
     def on_message_complete(self) -> None:
+        if self._extra:
+            return
         self._in_message = False
         if self._interim:
             self._interim = False
@@ -284,11 +365,10 @@ class UpstreamConnection(HeldWriter, asyncio.Protocol):
             return
         if self._out_chunked:
             self._pending.append(b"0\r\n\r\n")
-        self._flush(exchange.client)
-        self.proxy.finish(
-            self,
-            reuse=not self._until_close and not self.closed and self.parser.should_keep_alive(),
-        )
+        # Finished once the parser is through this read (``_finish_message``), so that
+        # bytes after the response are seen first.
+        self._complete = True
+        self._reuse = not self._until_close and not self.closed and self.parser.should_keep_alive()
 
     # -- helpers ----------------------------------------------------------------------
 
