@@ -43,6 +43,9 @@ EXIT_BAD_CONFIG = 2
 EXIT_BIND_FAILED = 3  # the process runtime retries with another port on this one
 
 MAX_BODY_BYTES = 1 << 20
+# A body over the limit is still read and dropped up to this size before the 413, so the
+# answer is not lost: closing a socket with unread input resets the connection.
+DISCARD_BODY_BYTES = 16 << 20
 # W3C Trace Context, version 00 layout; anything else is ignored as the spec asks.
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
@@ -338,10 +341,24 @@ class TaskHandler(BaseHTTPRequestHandler):
             self._reply(HTTPStatus.BAD_REQUEST, {"error": "bad Content-Length"})
             return None
         if length > MAX_BODY_BYTES:
-            self.close_connection = True
-            self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "body is too large"})
+            if length > DISCARD_BODY_BYTES or not self._discard(length):
+                self.close_connection = True
+            self._reply(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                {"error": f"body is too large (limit {MAX_BODY_BYTES} bytes)"},
+            )
             return None
         return self.rfile.read(length)
+
+    def _discard(self, length: int) -> bool:
+        """Reads and drops ``length`` body bytes; False when the client stopped sending."""
+        left = length
+        while left:
+            chunk = self.rfile.read(min(left, 64 * 1024))
+            if not chunk:
+                return False
+            left -= len(chunk)
+        return True
 
     def _reply(self, status: HTTPStatus, doc: dict[str, Any]) -> None:
         data = json.dumps(doc).encode()

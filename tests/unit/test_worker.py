@@ -269,6 +269,25 @@ def test_worker_consumes_a_get_body_so_it_cannot_smuggle_a_request(start_worker)
     assert bodies == [{"status": "ok"}, {"status": "ok"}]
 
 
+def test_worker_reads_a_too_large_body_before_its_413_and_keeps_the_connection(start_worker):
+    """Closing on an unread body would reset the connection and lose the 413."""
+    worker = start_worker()
+    conn = http.client.HTTPConnection("127.0.0.1", worker.port, timeout=10)
+    try:
+        conn.request("POST", "/process-task", body=b"x" * (4 << 20))
+        refused = conn.getresponse()
+        doc = json.loads(refused.read())
+        sock = conn.sock
+        conn.request("GET", "/healthz")
+        after = conn.getresponse()
+        after.read()
+        reused = conn.sock is sock
+    finally:
+        conn.close()
+    assert refused.status == 413 and "limit 1048576 bytes" in doc["error"]
+    assert after.status == 200 and reused, "the client had to reconnect"
+
+
 def test_worker_answers_404_for_unknown_routes(start_worker):
     worker = start_worker()
     assert worker.request("GET", "/nope")[0] == 404
