@@ -9,6 +9,74 @@ log() { echo "shoal: $*" >&2; }
 
 in_ci() { [[ "${CI:-}" =~ ^(1|true|yes)$ ]]; }
 
+# -- pids -------------------------------------------------------------------------
+# A pid file can outlive its process: after a crash the pid may name a zombie
+# (dead, not yet reaped: `kill -0` still succeeds) or, once reused, any other
+# process. These checks decide whether a recorded pid is still the process we
+# started before anything trusts or signals it.
+
+# The process's state letter (R, S, D, Z, ...); fails when there is no such pid.
+pid_state() {
+    local stat
+    if [[ -d /proc/$1 ]]; then
+        stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+        stat="${stat##*) }" # the name in parentheses may hold spaces: skip past it
+        echo "${stat%% *}"
+    else
+        stat="$(ps -o stat= -p "$1" 2>/dev/null)" || return 1
+        echo "${stat:0:1}"
+    fi
+}
+
+# The process's arguments, one a line (approximated by splitting on blanks where
+# there is no /proc).
+pid_args() {
+    if [[ -d /proc/$1 ]]; then
+        tr '\0' '\n' <"/proc/$1/cmdline" 2>/dev/null
+    else
+        ps -o command= -p "$1" 2>/dev/null | tr ' ' '\n'
+    fi
+}
+
+# Succeeds when $1 is a pid that runs: not a zombie, not gone.
+pid_alive() {
+    local state
+    [[ "$1" =~ ^[1-9][0-9]*$ ]] || return 1
+    state="$(pid_state "$1")" || return 1
+    [[ -n "$state" && "$state" != Z* && "$state" != X* ]]
+}
+
+# Succeeds when $1 runs this clone's `shoal up`: its arguments hold
+# "$venv_dir/bin/shoal up" and "--state-dir $state_dir" (hack/up.sh starts it so).
+is_shoal_up() {
+    pid_alive "$1" || return 1
+    local args=() i shoal=0 state=0
+    mapfile -t args < <(pid_args "$1")
+    for ((i = 0; i + 1 < ${#args[@]}; i++)); do
+        [[ "${args[$i]}" == "$venv_dir/bin/shoal" && "${args[$((i + 1))]}" == up ]] && shoal=1
+        [[ "${args[$i]}" == --state-dir && "${args[$((i + 1))]}" == "$state_dir" ]] && state=1
+    done
+    [[ "$shoal" == 1 && "$state" == 1 ]]
+}
+
+# Succeeds when $1 runs a dockerd.
+is_dockerd() {
+    pid_alive "$1" || return 1
+    local first
+    first="$(pid_args "$1" | head -n 1)"
+    [[ "$(basename -- "${first:-none}")" == dockerd ]]
+}
+
+# Prints the pid in $state_dir/shoal.pid and succeeds when that process is this
+# clone's running `shoal up`; fails (printing nothing) for a missing or stale file.
+running_shoal_pid() {
+    local file="$state_dir/shoal.pid" pid
+    [[ -f "$file" ]] || return 1
+    pid="$(head -n 1 "$file" 2>/dev/null)" || return 1
+    is_shoal_up "$pid" || return 1
+    echo "$pid"
+}
+
 # Creates .venv and installs Shoal with its test extras; repeats the install
 # only when pyproject.toml changed since the last one.
 ensure_venv() {

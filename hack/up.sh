@@ -32,9 +32,14 @@ if [[ "$detach" == 0 ]]; then
     exec "${cmd[@]}"
 fi
 
-if [[ -f "$state_dir/shoal.pid" ]] && kill -0 "$(cat "$state_dir/shoal.pid")" 2>/dev/null; then
-    log "Shoal already runs (pid $(cat "$state_dir/shoal.pid")); hack/down.sh stops it"
+if running="$(running_shoal_pid)"; then
+    log "Shoal already runs (pid $running); hack/down.sh stops it"
     exit 1
+fi
+if [[ -f "$state_dir/shoal.pid" ]]; then
+    # A crash leaves the file behind; its pid is gone, a zombie, or another process.
+    log "pid file $state_dir/shoal.pid names no running Shoal; replacing it"
+    rm -f "$state_dir/shoal.pid"
 fi
 # Keep the previous run's log: after a crash it is what tells why.
 [[ -f "$state_dir/shoal.log" ]] && mv -f "$state_dir/shoal.log" "$state_dir/shoal.log.1"
@@ -52,7 +57,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     esac
 done
 for _ in $(seq 1 100); do
-    if ! kill -0 "$pid" 2>/dev/null; then
+    if ! pid_alive "$pid"; then
         log "Shoal exited at start; its log:"
         tail -n 30 "$state_dir/shoal.log" >&2
         exit 1
