@@ -396,16 +396,20 @@ class Proxy:
         else:
             self.full = {w: t for w, t in self.full.items() if t > now}
             self.full[backend.worker_id] = now + self.config.busy_backoff_s
+        pool = self.pools.get(exchange.pool)
         if not (
             exchange.replayable and exchange.body_done and exchange.attempts < self.config.max_tries
         ):
-            return False
-        if status == 503:
+            replay = False
+        elif status == 503:
             return True
-        pool = self.pools.get(exchange.pool)
-        # NB: full workers join ``tried``, so the replay's choice skips them too.
-        exchange.tried.update(self.full)
-        return pool is not None and self._choose(pool, exchange.tried) is not None
+        else:
+            # NB: full workers join ``tried``, so the replay's choice skips them too.
+            exchange.tried.update(self.full)
+            replay = pool is not None and self._choose(pool, exchange.tried) is not None
+        if not replay and status == 429 and pool is not None:
+            pool.turned_away += 1  # demand the autoscaler must see (``demand_loop``)
+        return replay
 
     def replay_refused(self, conn: UpstreamConnection, exchange: Exchange) -> None:
         """The worker refused the request unread (see ``refused``); another worker gets it."""

@@ -38,6 +38,8 @@ class PoolTable:
     refused: bool = False
     asking: asyncio.Task[None] | None = None
     reported_in_flight: int = 0
+    # Requests answered 429 because every worker was busy, since the last load report.
+    turned_away: int = 0
 
     def wake(self) -> None:
         """Lets every held request look for a worker again."""
@@ -140,8 +142,10 @@ class Activator:
 
         Balancer traffic is invisible to the queue-based autoscaler: a pool with recent
         requests asks for capacity (so it does not go to zero), and a pool's count of
-        requests in flight (``load`` by worker, plus those held here) is reported while
-        it is above zero and once more when it falls to zero.
+        requests in flight (``load`` by worker, plus those held here, plus those turned
+        away with 429 since the last report) is reported while it is above zero and once
+        more when it falls to zero. Without the turned-away ones, a pool whose every slot
+        is busy would look exactly full, never short, and would not grow.
         """
         interval_s = self._config.demand_interval_s
         while True:
@@ -149,6 +153,8 @@ class Activator:
             horizon = self._now() - interval_s
             for pool in list(pools.values()):
                 in_flight = len(pool.waiters) + sum(load.get(b.worker_id, 0) for b in pool.backends)
+                in_flight += pool.turned_away
+                pool.turned_away = 0
                 if in_flight or pool.reported_in_flight:
                     pool.reported_in_flight = in_flight
                     with contextlib.suppress(Exception):

@@ -59,6 +59,9 @@ class PoolMetrics:
     arrivals_total: int
     service_time_s: float | None = None
     startup_s: float | None = None
+    # Synchronous requests (through the balancer) arrived lately: the pool is not idle
+    # even when none is in flight at this instant.
+    sync_active: bool = False
 
 
 @dataclass(frozen=True)
@@ -320,6 +323,10 @@ def decide(spec: PoolSpec, metrics: PoolMetrics, history: History) -> Decision:
 
     retention_s = _retention_s(spec)
     kept = [(t, v) for t, v in history.recommendations if t > now_s - retention_s]
+    if history.last_desired is None and raw < current:
+        # A first decision over workers already there (adopted after a restart) counts
+        # them as a recommendation, as HPA does, so the scale-down window applies to them.
+        kept.append((now_s, current))
     recommendations = (*kept, (now_s, raw))
     before = tuple((t, v) for t, v in history.before if t > now_s - retention_s)
 
@@ -359,7 +366,7 @@ def decide(spec: PoolSpec, metrics: PoolMetrics, history: History) -> Decision:
             notes.append(note)
 
     # Step 4: scale to zero only after an idle period; the first task wakes the pool.
-    idle = metrics.queued == 0 and metrics.in_flight == 0
+    idle = metrics.queued == 0 and metrics.in_flight == 0 and not metrics.sync_active
     last_busy_s = history.last_busy_s if history.last_busy_s is not None else now_s
     if not idle:
         last_busy_s = now_s

@@ -403,6 +403,7 @@ class Reconciler:
             arrivals_total=self._arrivals(name),
             service_time_s=state.service_time_s,
             startup_s=state.startup_s,
+            sync_active=now < state.demand_until,
         )
         decision = decide(spec, metrics, state.history)
         state.history = decision.history

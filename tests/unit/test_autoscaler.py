@@ -441,3 +441,46 @@ def test_decide_history_is_pruned_to_longest_window() -> None:
 
     assert len(history.recommendations) <= 61
     assert len(history.before) <= 61
+
+
+def test_decide_first_call_over_adopted_workers_waits_for_the_scale_down_window() -> None:
+    """After a restart, idle adopted workers go as they would have: not at once (as HPA)."""
+    spec = make_spec(
+        replicas={"min": 1, "max": 8},
+        scaling={**NO_PANIC, "scaleDown": {"stabilizationWindow": "30s"}},
+    )
+    first, at_29s, at_31s = run(
+        spec, [observe(0.0, ready=4), observe(29.0, ready=4), observe(31.0, ready=4)]
+    )
+    assert (first.desired, at_29s.desired) == (4, 4)
+    assert "held at 4 by the 30s scale-down window" in first.reason
+    assert at_31s.desired < 4
+
+
+def test_decide_first_call_scales_up_at_once() -> None:
+    spec = make_spec(scaling=NO_PANIC)
+    (first,) = run(spec, [observe(0.0, queued=12, ready=2)])
+    assert first.desired == 6
+
+
+def test_decide_recent_synchronous_requests_keep_the_pool_from_zero() -> None:
+    """A balancer request that came and went between two decisions still counts as work."""
+    spec = make_spec(
+        replicas={"min": 0, "max": 4},
+        scaling={
+            **NO_PANIC,
+            "scaleToZero": {"after": "60s"},
+            "scaleDown": {"stabilizationWindow": "0s"},
+        },
+    )
+    decisions = run(
+        spec,
+        [
+            observe(0.0, ready=1, sync_active=True),
+            observe(40.0, ready=1, sync_active=True),
+            observe(90.0, ready=1),
+            observe(101.0, ready=1),
+        ],
+    )
+    assert [d.desired for d in decisions] == [1, 1, 1, 0]
+    assert "idle 50s of 60s before scaling to zero" in decisions[2].reason

@@ -522,6 +522,22 @@ async def test_a_429_from_every_worker_reaches_the_client_with_retry_after(
     assert sorted(len(w.hits) for w in busy) == [1, 1]
 
 
+async def test_requests_turned_away_with_429_count_as_load_for_the_autoscaler(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
+) -> None:
+    """Every slot busy: in flight equals capacity, so only the refused show the shortfall."""
+    h = await make_harness(demand_interval_s=0.05)
+    worker = await workers("a")
+    worker.refuse_with = 429
+    h.add(worker)
+    for _ in range(3):
+        async with h.session.post(f"{h.url}/echo", data=b"task") as response:
+            assert response.status == 429
+    # Reports are per interval; the three may fall into one or more of them.
+    await _until(lambda: sum(n for _, n in h.reports) >= 3)
+    await _until(lambda: h.reports[-1] == ("default", 0))
+
+
 async def test_a_worker_that_does_not_answer_in_time_gets_504(
     make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
 ) -> None:
