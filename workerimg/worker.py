@@ -21,6 +21,7 @@ import math
 import os
 import random
 import re
+import select
 import signal
 import socket
 import sys
@@ -297,10 +298,12 @@ class TaskHandler(BaseHTTPRequestHandler):
         # NB: the slot frees before the answer is written, so a task sent the moment the
         # answer arrives finds room (no spurious 429); a drain still waits for every
         # answer to leave (``replying``) before the process exits.
-        ok = False
+        ok = abandoned = False
         try:
             started = time.time()
-            time.sleep(task.work_s)
+            abandoned = not self._work_while_connected(task.work_s)
+            if abandoned:
+                return
             finished = time.time()
             result: dict[str, Any] = {"echo": task.payload}
             traceparent = self._traceparent()
@@ -317,10 +320,36 @@ class TaskHandler(BaseHTTPRequestHandler):
             ok = True
         finally:
             state.release(ok=ok)
+            if abandoned:
+                # Nobody is left to answer; the slot was freed now, not at the work's end.
+                state.replied()
+                self.close_connection = True
+                logger.info("task %s abandoned: its client closed the connection", task.task_id)
         try:
             self._reply(HTTPStatus.OK, answer)
         finally:
             state.replied()
+
+    def _work_while_connected(self, work_s: float) -> bool:
+        """Simulates ``work_s`` of work; False if the client hung up meanwhile.
+
+        A client that gave up (a timed-out request through the balancer) would otherwise
+        hold a slot for the whole work, and the pool would look busy with nobody waiting.
+        """
+        deadline = time.monotonic() + work_s
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([self.connection], [], [], min(left, 0.5))
+            if not readable:
+                continue
+            try:
+                peeked = self.connection.recv(1, socket.MSG_PEEK)
+            except OSError:
+                return False
+            if not peeked:
+                return False
+            # The client sent more (a pipelined request): it is still there.
+            time.sleep(max(0.0, deadline - time.monotonic()))
+        return True
 
     def _traceparent(self) -> str | None:
         value = (self.headers.get("traceparent") or "").strip().lower()

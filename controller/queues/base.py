@@ -399,11 +399,17 @@ def failed(
 
 
 def released(task: Task) -> Task:
-    """Back to the queue at once; the attempt the lease counted is given back."""
+    """Back to the queue at once; the attempt the lease counted is given back.
+
+    So is its place in ``history``: the worker refused the task unread (full or
+    draining), and a worker that keeps refusing would otherwise grow the record at
+    every retry.
+    """
     return replace(
         task,
         state="queued",
         attempts=max(0, task.attempts - 1),
+        history=task.history[:-1],
         lease_expires_at=None,
         not_before=None,
     )

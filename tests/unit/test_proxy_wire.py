@@ -258,6 +258,8 @@ async def test_an_upgrade_request_gets_one_501_and_reaches_no_worker(
         (b"GET / HTTP/1.1\r\nHost:\r\nHost: evil\r\n\r\n", b"400"),
         (b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n", b"400"),
         (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", b"505"),
+        (b"CONNECT /pools/default/x HTTP/1.1\r\nHost: a\r\n\r\n", b"501"),
+        (b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n", b"501"),
         (
             b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
             b"501",

@@ -319,8 +319,10 @@ async def test_release_returns_task_without_spending_attempt(queue: TaskQueue) -
     assert await queue.release(task.id, worker="w1") is True
     back = await queue.get(task.id)
     assert back is not None and back.state == "queued" and back.attempts == 0
+    assert back.history == (), "a lease given back unread leaves no trace"
     again = await queue.lease("default", worker="w2", lease_s=30)
     assert again is not None and again.id == task.id and again.attempts == 1
+    assert again.history == ("w2",)
 
 
 async def test_reclaim_expired_requeues_and_spends_attempt(

@@ -288,6 +288,22 @@ def test_worker_reads_a_too_large_body_before_its_413_and_keeps_the_connection(s
     assert after.status == 200 and reused, "the client had to reconnect"
 
 
+def test_worker_frees_the_slot_of_a_task_whose_client_hung_up(start_worker):
+    """A caller that gave up (a timed-out request through the balancer) holds no slot."""
+    worker = start_worker(CONCURRENCY="1")
+    body = b'{"id": "gone", "work_seconds": 600}'
+    with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /process-task HTTP/1.1\r\nHost: w\r\nContent-Length: %d\r\n\r\n%b"
+            % (len(body), body)
+        )
+        worker.wait_until(lambda m: m["active"] == 1)
+    snap = worker.wait_until(lambda m: m["active"] == 0, timeout_s=5.0)
+    assert snap["processed"] == 0
+    status, doc = worker.post_task({"id": "next", "work_seconds": 0})
+    assert (status, doc["id"]) == (200, "next")
+
+
 def test_worker_answers_404_for_unknown_routes(start_worker):
     worker = start_worker()
     assert worker.request("GET", "/nope")[0] == 404
