@@ -23,6 +23,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from api.models import (
+    MAX_KEY_LENGTH,
     ActivateBody,
     DequeueBody,
     DispatchBody,
@@ -195,6 +196,14 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
 
 
 _TASK_ID = _path_param("id", "The task id that enqueue returned.")
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "The same as the ``idempotency_key`` field, with its rules; sent with "
+    "the field, it must be equal to it (400 otherwise).",
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH},
+}
 _POOL_QUERY = _query("pool", _STR, "Only this pool.")
 _BAD = _error("The request is malformed or fails validation.")
 _UNKNOWN = _error("No such task or pool.")
@@ -221,6 +230,7 @@ def _operations() -> dict[str, dict[str, Any]]:
                 "to the pool and free again once their task was pruned (``--task-retention``). "
                 "A ``traceparent`` header puts the task's spans into the caller's "
                 "trace.",
+                "parameters": [_IDEMPOTENCY_KEY],
                 "requestBody": _body(EnqueueBody),
                 "responses": {
                     "202": _json_response("Stored.", _ref("Enqueued")),
@@ -236,6 +246,7 @@ def _operations() -> dict[str, dict[str, Any]]:
         "/dispatch-task": {
             "post": {
                 "summary": "Enqueue a task and wait for its outcome",
+                "parameters": [_IDEMPOTENCY_KEY],
                 "requestBody": _body(DispatchBody),
                 "responses": {
                     "200": _json_response("The task reached a final state.", _ref("Task")),

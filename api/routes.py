@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from api.keys import CONTROLLER, MAX_BODY_BYTES
 from api.models import (
+    MAX_KEY_LENGTH,
     ActivateBody,
     DequeueBody,
     DispatchBody,
@@ -49,6 +50,7 @@ from controller.registry import WatchExpired
 logger = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
@@ -116,7 +118,7 @@ def _enqueue_request(
     pool = controller.store.get(body.pool)
     if pool is None:
         raise UnknownPool(body.pool)
-    key = body.idempotency_key or request.headers.get("Idempotency-Key")
+    key = _idempotency_key(body, request)
     return EnqueueRequest(
         pool=body.pool,
         payload=body.payload,
@@ -132,6 +134,40 @@ def _enqueue_request(
         else request_fingerprint(
             payload=body.payload, work_seconds=body.work_seconds, max_attempts=body.max_attempts
         ),
+    )
+
+
+def _idempotency_key(body: EnqueueBody, request: web.Request) -> str | None:
+    """The key of the ``Idempotency-Key`` header or the ``idempotency_key`` field.
+
+    The header obeys the field's rules (1 to ``MAX_KEY_LENGTH`` characters). Both may be
+    sent only when they are equal: neither is picked over the other.
+    """
+    headers = request.headers.getall(IDEMPOTENCY_HEADER, [])
+    if not headers:
+        return body.idempotency_key
+    if len(headers) > 1:
+        raise _bad_key(f"{IDEMPOTENCY_HEADER} header sent {len(headers)} times; send it once")
+    header = headers[0]
+    if not header:
+        raise _bad_key(f"{IDEMPOTENCY_HEADER} header is empty; send a key or leave it out")
+    if len(header) > MAX_KEY_LENGTH:
+        raise _bad_key(
+            f"{IDEMPOTENCY_HEADER} header is {len(header)} characters long; "
+            f"the limit is {MAX_KEY_LENGTH}"
+        )
+    if body.idempotency_key is not None and body.idempotency_key != header:
+        raise _bad_key(
+            f"{IDEMPOTENCY_HEADER} header and the idempotency_key field differ; "
+            "send the key once, or the same key in both"
+        )
+    return header
+
+
+def _bad_key(reason: str) -> BadRequest:
+    return BadRequest(
+        f"invalid request: {reason}",
+        problems=[{"field": f"{IDEMPOTENCY_HEADER} (header)", "reason": reason}],
     )
 
 

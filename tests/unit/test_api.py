@@ -247,3 +247,69 @@ async def test_activate_takes_a_load_report_without_holding_capacity(
     assert (await ask.json())["requested"] is True
     bad = await client.post("/v1/pools/default/activate", json={"inFlight": -1})
     assert bad.status == 400
+
+
+BAD_KEYS = [
+    pytest.param({"Idempotency-Key": ""}, {}, "empty", id="empty-header"),
+    pytest.param({"Idempotency-Key": "k" * 201}, {}, "limit is 200", id="header-too-long"),
+    pytest.param(
+        {"Idempotency-Key": "a"}, {"idempotency_key": "b"}, "differ", id="header-and-field-differ"
+    ),
+]
+
+
+@pytest.mark.parametrize(("headers", "body", "reason"), BAD_KEYS)
+@pytest.mark.parametrize("path", ["/enqueue-task", "/dispatch-task"])
+async def test_idempotency_key_header_is_held_to_the_fields_rules(
+    client: TestClient[Any, Any],
+    path: str,
+    headers: dict[str, str],
+    body: dict[str, Any],
+    reason: str,
+) -> None:
+    if path == "/dispatch-task":
+        body = {**body, "timeout_s": 0.1}
+    response = await client.post(path, json=body, headers=headers)
+    assert response.status == 400
+    problem = await response.json()
+    assert "Idempotency-Key" in problem["error"] and reason in problem["error"]
+    assert problem["problems"][0]["field"] == "Idempotency-Key (header)"
+    assert await queue_length(client) == 0
+
+
+async def test_idempotency_key_field_has_the_same_limit_as_the_header(
+    client: TestClient[Any, Any],
+) -> None:
+    for body in ({"idempotency_key": ""}, {"idempotency_key": "k" * 201}):
+        assert (await client.post("/enqueue-task", json=body)).status == 400
+    longest = "k" * 200
+    by_header = await client.post("/enqueue-task", json={}, headers={"Idempotency-Key": longest})
+    assert by_header.status == 202
+    by_field = await client.post("/enqueue-task", json={"idempotency_key": longest})
+    assert by_field.status == 200
+    assert (await by_field.json())["id"] == (await by_header.json())["id"]
+    assert await queue_length(client) == 1
+
+
+async def test_idempotency_key_sent_twice_as_header_is_refused(
+    client: TestClient[Any, Any],
+) -> None:
+    response = await client.post(
+        "/enqueue-task", json={}, headers=[("Idempotency-Key", "a"), ("Idempotency-Key", "a")]
+    )
+    assert response.status == 400
+    assert "sent 2 times" in (await response.json())["error"]
+    assert await queue_length(client) == 0
+
+
+async def test_idempotency_key_in_header_and_field_alike_is_one_key(
+    client: TestClient[Any, Any],
+) -> None:
+    first = await client.post(
+        "/enqueue-task", json={"idempotency_key": "same"}, headers={"Idempotency-Key": "same"}
+    )
+    assert first.status == 202
+    again = await client.post("/enqueue-task", json={}, headers={"Idempotency-Key": "same"})
+    assert again.status == 200
+    assert (await again.json())["id"] == (await first.json())["id"]
+    assert await queue_length(client) == 1
