@@ -347,6 +347,12 @@ def _operations() -> dict[str, dict[str, Any]]:
     }
 
 
+def _with_responses(item: dict[str, Any], responses: dict[str, Any]) -> dict[str, Any]:
+    """``item`` (one GET) with ``responses`` added to the answers it declares."""
+    op = item["get"]
+    return {"get": {**op, "responses": {**op["responses"], **responses}}}
+
+
 def _status_operations() -> dict[str, dict[str, Any]]:
     def get(summary: str, schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
         return {
@@ -401,10 +407,13 @@ def _status_operations() -> dict[str, dict[str, Any]]:
                 }
             ),
         ),
-        "/scaling-events": get(
-            "Changes of desired replicas, oldest first",
-            _object({"events": {"type": "array", "items": _ref("ScalingEvent")}}),
-            parameters=[_POOL_QUERY],
+        "/scaling-events": _with_responses(
+            get(
+                "Changes of desired replicas, oldest first",
+                _object({"events": {"type": "array", "items": _ref("ScalingEvent")}}),
+                parameters=[_POOL_QUERY],
+            ),
+            {"400": _BAD},
         ),
         "/autoscaler-status": get(
             "Per-pool status and the policy error, if any",
@@ -444,6 +453,7 @@ def _status_operations() -> dict[str, dict[str, Any]]:
                         ),
                     ),
                     "400": _BAD,
+                    "404": _error("No such pool declared, and no worker of it left."),
                 },
             }
         },
@@ -512,7 +522,8 @@ def build_document() -> dict[str, Any]:
             "version": "0.1.0",
             "description": "A durable task queue with a pool of workers that fits the work. "
             "When a token is configured, every operation but /healthz needs "
-            "``Authorization: Bearer <token>``.",
+            "``Authorization: Bearer <token>``. A query parameter given more than once "
+            "is refused with 400.",
         },
         "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
         "paths": paths,

@@ -108,6 +108,21 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def query_value(request: web.Request, name: str, default: str | None = None) -> str | None:
+    """The one value of query parameter ``name``; 400 naming it when it is repeated.
+
+    ``limit=2&limit=3`` has no right reading: taking either value would hide a client's bug.
+    """
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        reason = f"given {len(values)} times; give it once"
+        raise BadRequest(
+            f"query parameter {name!r} {reason}",
+            problems=[{"field": f"{name} (query)", "reason": reason}],
+        )
+    return values[0] if values else default
+
+
 def _controller(request: web.Request) -> Controller:
     return request.app[CONTROLLER]
 
@@ -243,19 +258,19 @@ async def get_task(request: web.Request) -> web.Response:
 @routes.get("/tasks")
 async def list_tasks(request: web.Request) -> web.Response:
     controller = _controller(request)
-    state = request.query.get("state")
+    state = query_value(request, "state")
     if state is not None and state not in TASK_STATES:
         raise BadRequest(f"state must be one of {', '.join(TASK_STATES)}")
-    pool = request.query.get("pool")
+    pool = query_value(request, "pool")
     if pool is not None and controller.store.get(pool) is None:
         raise UnknownPool(pool)
     try:
-        limit = int(request.query.get("limit", "100"))
+        limit = int(query_value(request, "limit", "100") or "")
     except ValueError as exc:
         raise BadRequest("limit must be an integer") from exc
     if not 1 <= limit <= 1000:
         raise BadRequest("limit must be between 1 and 1000")
-    after = request.query.get("after")
+    after = query_value(request, "after")
     if after is not None and await controller.queue.get(after) is None:
         raise BadRequest(f"after={after!r} is not a task id; use the 'next' of the previous page")
     tasks = await controller.queue.list(
@@ -447,7 +462,8 @@ async def requests_processed(request: web.Request) -> web.Response:
 @routes.get("/scaling-events")
 async def scaling_events(request: web.Request) -> web.Response:
     controller = _controller(request)
-    pool = request.query.get("pool")
+    # No 404 for a pool no longer declared: its past events are still worth reading.
+    pool = query_value(request, "pool")
     events = [e.to_json() for e in controller.reconciler.events if pool is None or e.pool == pool]
     return web.json_response({"events": events})
 
@@ -468,19 +484,25 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/v1/workers")
 async def workers(request: web.Request) -> web.StreamResponse:
-    registry = _controller(request).registry
-    if request.query.get("watch") not in ("true", "1"):
+    controller = _controller(request)
+    registry = controller.registry
+    pool = query_value(request, "pool")
+    # A pool removed from the manifests is still known while workers of it are draining.
+    if pool is not None and controller.store.get(pool) is None and not registry.list(pool):
+        raise UnknownPool(pool)
+    watch = query_value(request, "watch")
+    version = query_value(request, "resourceVersion")
+    if watch not in ("true", "1"):
         return web.json_response(
             {
                 "resourceVersion": registry.resource_version,
-                "items": [w.to_json() for w in registry.list(request.query.get("pool"))],
+                "items": [w.to_json() for w in registry.list(pool)],
             }
         )
     try:
-        since = int(request.query.get("resourceVersion", registry.resource_version))
+        since = registry.resource_version if version is None else int(version)
     except ValueError as exc:
         raise BadRequest("resourceVersion must be an integer") from exc
-    pool = request.query.get("pool")
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     try:

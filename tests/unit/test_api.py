@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from api.app import make_app
 from controller.manager import Controller, ControllerConfig
 from controller.queues.memory import MemoryQueue
+from controller.runtimes.base import WorkerId
 from controller.runtimes.fake import FakeRuntime
 
 MANIFEST = """
@@ -34,6 +36,46 @@ async def client(tmp_path: Path) -> AsyncIterator[TestClient[Any, Any]]:
     )
     async with TestClient(TestServer(make_app(controller, max_body_bytes=64 * 1024))) as c:
         yield c
+
+
+TWO_POOLS = (
+    MANIFEST
+    + """---
+apiVersion: shoal/v1
+kind: WorkerPool
+metadata: {name: batch}
+spec:
+  replicas: {min: 0, max: 2}
+"""
+)
+
+
+@dataclass
+class Idle:
+    """An app whose controller is not started: only requests and the test change anything."""
+
+    client: TestClient[Any, Any]
+    controller: Controller
+    manifest: Path
+
+    def remove_batch_pool(self) -> None:
+        self.manifest.write_text(MANIFEST)
+        assert self.controller.store.reload()
+        assert self.controller.store.get("batch") is None
+
+
+@pytest.fixture
+async def idle(tmp_path: Path) -> AsyncIterator[Idle]:
+    manifest = tmp_path / "pools.yaml"
+    manifest.write_text(TWO_POOLS)
+    controller = Controller(
+        config=ControllerConfig(manifests=manifest), runtime=FakeRuntime(), queue=MemoryQueue()
+    )
+    controller.store.load()
+    app = make_app(controller, manage_controller=False, max_body_bytes=64 * 1024)
+    async with TestClient(TestServer(app)) as c:
+        yield Idle(client=c, controller=controller, manifest=manifest)
+    await controller.queue.close()
 
 
 async def queue_length(client: TestClient[Any, Any]) -> int:
@@ -313,3 +355,62 @@ async def test_idempotency_key_in_header_and_field_alike_is_one_key(
     assert again.status == 200
     assert (await again.json())["id"] == (await first.json())["id"]
     assert await queue_length(client) == 1
+
+
+REPEATED_QUERIES = [
+    pytest.param("/tasks?limit=2&limit=3", "limit", id="tasks-limit"),
+    pytest.param("/tasks?state=queued&state=running", "state", id="tasks-state"),
+    pytest.param("/tasks?pool=default&pool=default", "pool", id="tasks-pool-same-value"),
+    pytest.param("/tasks?after=a&after=b", "after", id="tasks-after"),
+    pytest.param("/v1/workers?pool=default&pool=other", "pool", id="workers-pool"),
+    pytest.param("/v1/workers?watch=true&watch=true", "watch", id="workers-watch"),
+    pytest.param(
+        "/v1/workers?watch=true&resourceVersion=0&resourceVersion=1",
+        "resourceVersion",
+        id="workers-version",
+    ),
+    pytest.param("/scaling-events?pool=a&pool=b", "pool", id="scaling-events-pool"),
+]
+
+
+@pytest.mark.parametrize(("path", "name"), REPEATED_QUERIES)
+async def test_repeated_query_parameter_gets_400_naming_it(
+    client: TestClient[Any, Any], path: str, name: str
+) -> None:
+    for i in range(3):
+        await client.post("/enqueue-task", json={"payload": i})
+    response = await client.get(path)
+    assert response.status == 400
+    problem = await response.json()
+    assert f"query parameter {name!r} given 2 times" in problem["error"]
+    assert problem["problems"] == [
+        {"field": f"{name} (query)", "reason": "given 2 times; give it once"}
+    ]
+
+
+async def test_workers_of_an_unknown_pool_get_404(client: TestClient[Any, Any]) -> None:
+    unknown = await client.get("/v1/workers?pool=nope")
+    assert unknown.status == 404
+    assert "nope" in (await unknown.json())["error"]
+    watched = await client.get("/v1/workers?pool=nope&watch=true")
+    assert watched.status == 404
+    known = await client.get("/v1/workers?pool=default")
+    assert known.status == 200
+    assert (await known.json())["items"] == []
+
+
+async def test_workers_of_a_removed_pool_are_listed_while_any_is_left(idle: Idle) -> None:
+    idle.controller.registry.add(
+        worker_id=WorkerId("b" * 64),
+        name="shoal-batch-1",
+        pool="batch",
+        template_hash="t1",
+        host="127.0.0.1",
+        host_port=None,
+        concurrency=1,
+    )
+    idle.remove_batch_pool()
+    listed = await idle.client.get("/v1/workers?pool=batch")
+    assert listed.status == 200
+    assert [w["name"] for w in (await listed.json())["items"]] == ["shoal-batch-1"]
+    assert (await idle.client.get("/v1/workers?pool=other")).status == 404
