@@ -416,11 +416,17 @@ def _status_operations() -> dict[str, dict[str, Any]]:
             {"400": _BAD},
         ),
         "/autoscaler-status": get(
-            "Per-pool status and the policy error, if any",
+            "Per-pool status, the policy error and warnings (tasks no pool will run)",
             _object(
                 {
                     "pools": {"type": "object", "additionalProperties": _ref("PoolStatus")},
                     "policyError": _nullable({"type": "object"}),
+                    "warnings": {
+                        "type": "array",
+                        "items": _object(
+                            {"pool": _STR, "queued": _INT, "message": _STR}, required=["message"]
+                        ),
+                    },
                 }
             ),
         ),

@@ -51,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+# How many of the oldest queued tasks /autoscaler-status reads to find undeclared pools.
+ORPHAN_SCAN = 50
+ORPHAN_LOOKUP_TIMEOUT_S = 1.0
 BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
@@ -263,7 +266,10 @@ async def list_tasks(request: web.Request) -> web.Response:
         raise BadRequest(f"state must be one of {', '.join(TASK_STATES)}")
     pool = query_value(request, "pool")
     if pool is not None and controller.store.get(pool) is None:
-        raise UnknownPool(pool)
+        # A pool removed from the manifests keeps its tasks: they stay listable.
+        counts = (await controller.queue.counts(pool)).to_json()
+        if not any(n for state, n in counts.items() if state != "ready"):
+            raise UnknownPool(pool)
     try:
         limit = int(query_value(request, "limit", "100") or "")
     except ValueError as exc:
@@ -470,8 +476,46 @@ async def scaling_events(request: web.Request) -> web.Response:
 
 @routes.get("/autoscaler-status")
 async def autoscaler_status(request: web.Request) -> web.Response:
-    snapshot = _controller(request).snapshot()
-    return web.json_response({"pools": snapshot["pools"], "policyError": snapshot["policyError"]})
+    controller = _controller(request)
+    snapshot = controller.snapshot()
+    return web.json_response(
+        {
+            "pools": snapshot["pools"],
+            "policyError": snapshot["policyError"],
+            "warnings": await _orphan_warnings(controller),
+        }
+    )
+
+
+async def _orphan_warnings(controller: Controller) -> list[dict[str, Any]]:
+    """One warning per pool no manifest declares that still holds queued tasks.
+
+    Such tasks wait for good: no worker of their pool will start. The candidates are the
+    pools of the ``ORPHAN_SCAN`` oldest queued tasks (orphans never leave the queue, so they
+    gather at its head), of the scaling events and of the workers left; each is counted with
+    the queue's counts. The status itself never waits on the queue for long, nor fails with it.
+    """
+    declared = set(controller.store.pools)
+    try:
+        async with asyncio.timeout(ORPHAN_LOOKUP_TIMEOUT_S):
+            oldest = await controller.queue.list(state="queued", limit=ORPHAN_SCAN)
+            candidates = {t.pool for t in oldest}
+            candidates |= {e.pool for e in controller.reconciler.events}
+            candidates |= {w.pool for w in controller.registry.list()}
+            names = sorted(candidates - declared)
+            counts = await asyncio.gather(*(controller.queue.counts(n) for n in names))
+    except (QueueUnavailable, TimeoutError):
+        return [{"message": "the queue did not answer: tasks of undeclared pools not looked for"}]
+    return [
+        {
+            "pool": name,
+            "queued": c.queued,
+            "message": f"pool {name!r} is declared in no manifest but holds {c.queued} queued "
+            "task(s); they wait until the pool is declared again or they are cancelled",
+        }
+        for name, c in zip(names, counts, strict=True)
+        if c.queued > 0
+    ]
 
 
 @routes.get("/healthz")

@@ -11,7 +11,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from api.app import make_app
+from controller.errors import QueueUnavailable
 from controller.manager import Controller, ControllerConfig
+from controller.poolstate import ScalingEvent
+from controller.queues.base import Task, TaskState
 from controller.queues.memory import MemoryQueue
 from controller.runtimes.base import WorkerId
 from controller.runtimes.fake import FakeRuntime
@@ -414,3 +417,86 @@ async def test_workers_of_a_removed_pool_are_listed_while_any_is_left(idle: Idle
     assert listed.status == 200
     assert [w["name"] for w in (await listed.json())["items"]] == ["shoal-batch-1"]
     assert (await idle.client.get("/v1/workers?pool=other")).status == 404
+
+
+async def test_tasks_of_a_removed_pool_stay_listable(idle: Idle) -> None:
+    ids = []
+    for i in range(3):
+        created = await idle.client.post("/enqueue-task", json={"pool": "batch", "payload": i})
+        ids.append((await created.json())["id"])
+    await idle.client.post("/enqueue-task", json={"payload": "default"})
+    idle.remove_batch_pool()
+
+    listed = await idle.client.get("/tasks?pool=batch")
+    assert listed.status == 200
+    assert [t["id"] for t in (await listed.json())["items"]] == ids
+    queued = await (await idle.client.get("/tasks?pool=batch&state=queued&limit=2")).json()
+    assert [t["id"] for t in queued["items"]] == ids[:2]
+    never = await idle.client.get("/tasks?pool=never-declared")
+    assert never.status == 404
+    assert "never-declared" in (await never.json())["error"]
+
+
+async def test_autoscaler_status_warns_of_queued_tasks_no_pool_will_run(idle: Idle) -> None:
+    before = await (await idle.client.get("/autoscaler-status")).json()
+    assert before["warnings"] == []
+    for i in range(3):
+        await idle.client.post("/enqueue-task", json={"pool": "batch", "payload": i})
+    await idle.client.post("/enqueue-task", json={"payload": "default"})
+    cancelled = await (await idle.client.post("/enqueue-task", json={"pool": "batch"})).json()
+    await idle.client.post(f"/tasks/{cancelled['id']}/cancel")
+    declared = await (await idle.client.get("/autoscaler-status")).json()
+    assert declared["warnings"] == [], "a declared pool's backlog is no warning"
+
+    idle.remove_batch_pool()
+    status = await (await idle.client.get("/autoscaler-status")).json()
+    assert set(status["pools"]) == {"default"}
+    [warning] = status["warnings"]
+    assert warning["pool"] == "batch" and warning["queued"] == 3
+    assert "'batch'" in warning["message"] and "3 queued" in warning["message"]
+
+
+async def test_autoscaler_status_finds_an_undeclared_pool_behind_a_long_backlog(
+    idle: Idle,
+) -> None:
+    # The oldest queued tasks belong to a declared pool: the scan finds nothing there, but
+    # the removed pool's scaling events name it.
+    for i in range(60):
+        await idle.client.post("/enqueue-task", json={"payload": i})
+    await idle.client.post("/enqueue-task", json={"pool": "batch"})
+    idle.controller.reconciler.events.append(
+        ScalingEvent(time=0.0, pool="batch", from_replicas=0, to_replicas=1, reason="test")
+    )
+    idle.remove_batch_pool()
+    status = await (await idle.client.get("/autoscaler-status")).json()
+    assert [(w["pool"], w["queued"]) for w in status["warnings"]] == [("batch", 1)]
+
+
+class ListlessQueue(MemoryQueue):
+    """A queue whose listing is unavailable (counts still answer)."""
+
+    async def list(
+        self,
+        *,
+        pool: str | None = None,
+        state: TaskState | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[Task]:
+        raise QueueUnavailable("listing is down for the test")
+
+
+async def test_autoscaler_status_answers_when_the_queue_does_not(tmp_path: Path) -> None:
+    manifest = tmp_path / "pool.yaml"
+    manifest.write_text(MANIFEST)
+    controller = Controller(
+        config=ControllerConfig(manifests=manifest), runtime=FakeRuntime(), queue=ListlessQueue()
+    )
+    controller.store.load()
+    app = make_app(controller, manage_controller=False)
+    async with TestClient(TestServer(app)) as client:
+        response = await client.get("/autoscaler-status")
+        assert response.status == 200
+        status = await response.json()
+    assert "default" in status["pools"]
+    assert ["queue did not answer" in w["message"] for w in status["warnings"]] == [True]
