@@ -32,6 +32,8 @@ class Backend:
     pool: str
     host: str
     port: int
+    # Requests the worker runs at once (its slots); more get 429 from it.
+    concurrency: int = 1
 
     @property
     def address(self) -> str:

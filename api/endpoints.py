@@ -101,6 +101,7 @@ def backend_of(record: WorkerRecord) -> Backend | None:
         pool=record.pool,
         host=record.host,
         port=record.host_port,
+        concurrency=max(1, record.concurrency),
     )
 
 
@@ -109,12 +110,14 @@ def backend_from_json(doc: Mapping[str, Any]) -> Backend | None:
     port = doc.get("hostPort")
     if doc.get("state") != "ready" or doc.get("healthy") is not True or not isinstance(port, int):
         return None
+    concurrency = doc.get("concurrency")
     return Backend(
         worker_id=str(doc["workerId"]),
         name=str(doc.get("name", "")),
         pool=str(doc.get("pool", "")),
         host=str(doc.get("host") or "127.0.0.1"),
         port=port,
+        concurrency=concurrency if isinstance(concurrency, int) and concurrency > 0 else 1,
     )
 
 

@@ -205,12 +205,28 @@ class Proxy:
         return pool
 
     def _choose(self, pool: PoolTable, exclude: set[str] | None = None) -> Backend | None:
+        """The strategy's pick among workers with a free slot; None when none has one.
+
+        A request for a pool whose every slot is taken (as this proxy counts them) then
+        waits in the activator for one to free, and counts as load meanwhile, instead of
+        being sent to a worker that would only answer 429.
+        """
         ejected = self.ejected
         if ejected:
             skip: Collection[str] = set(ejected) if exclude is None else exclude | set(ejected)
         else:
             skip = exclude or ()
-        return pool.strategy.pick(pool.backends, self.load, exclude=skip)
+        load = self.load
+        backend = pool.strategy.pick(pool.backends, load, exclude=skip)
+        if backend is None or load.get(backend.worker_id, 0) < backend.concurrency:
+            return backend
+        # NB: round-robin and power-of-two may pick a full worker beside one with room.
+        room = [
+            b
+            for b in pool.backends
+            if b.worker_id not in skip and load.get(b.worker_id, 0) < b.concurrency
+        ]
+        return min(room, key=lambda b: load.get(b.worker_id, 0)) if room else None
 
     # -- request flow -------------------------------------------------------------------
 
@@ -339,6 +355,9 @@ class Proxy:
         exchange.backend = None
         worker_id = conn.backend.worker_id
         self._unload(worker_id)
+        pool = self.pools.get(exchange.pool)
+        if pool is not None and pool.waiters:
+            pool.wake()  # a slot is free: requests waiting for one look again
         now = self.now()
         # NB: a worker may answer before it has read the whole request body; a connection
         # with part of a body unsent would take the next request for the rest of it.

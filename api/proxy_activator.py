@@ -50,7 +50,11 @@ class PoolTable:
 
 
 class Activator:
-    """Holds requests for a pool with no routable worker until one is ready, or gives up.
+    """Holds requests for a pool with no worker to take them until one can, or gives up.
+
+    That is a pool at zero (scale from zero) or one whose every slot is taken, as the
+    proxy counts its own requests in flight: the held requests count as load, so the
+    pool grows, and each takes the first slot that frees.
 
     ``choose`` is the proxy's backend choice (ejected workers and ``exclude`` skipped);
     ``stats`` and ``tasks`` are the proxy's own counters and set of background tasks, so
@@ -78,7 +82,7 @@ class Activator:
         self._hold_s = 2 * config.demand_interval_s
 
     async def hold(self, pool: PoolTable, exchange: Exchange) -> Backend:
-        """Holds the request until the pool has a routable worker (scale from zero)."""
+        """Holds the request until a worker of the pool has a free slot for it."""
         info = self._control.pools().get(pool.name)
         if info is not None and info.max_replicas == 0:
             raise Reply(
@@ -107,7 +111,7 @@ class Activator:
             if remaining <= 0:
                 raise Reply(
                     503,
-                    f"no worker of pool {pool.name!r} became ready within "
+                    f"no worker of pool {pool.name!r} had a free slot within "
                     f"{self._config.activation_timeout_s:g}s",
                     retry_after_s=self._config.retry_after_s,
                 )

@@ -131,7 +131,9 @@ class Harness:
     holds: list[float] = field(default_factory=list)
     reports: list[tuple[str, int]] = field(default_factory=list)
 
-    def add(self, worker: Worker, *, pool: str = "default", ready: bool = True) -> WorkerId:
+    def add(
+        self, worker: Worker, *, pool: str = "default", ready: bool = True, concurrency: int = 4
+    ) -> WorkerId:
         worker_id = WorkerId(f"id-{worker.name}")
         self.registry.add(
             worker_id=worker_id,
@@ -140,7 +142,7 @@ class Harness:
             template_hash="t1",
             host="127.0.0.1",
             host_port=worker.port,
-            concurrency=4,
+            concurrency=concurrency,
         )
         if ready:
             self.registry.mark_ready(worker_id)
@@ -471,7 +473,7 @@ async def test_a_503_from_the_only_worker_falls_back_to_the_activator(
     h.add(a)
     async with h.session.post(f"{h.url}/echo", data=b"task") as response:
         assert response.status == 503
-        assert "became ready within 0.3s" in (await response.json())["error"]
+        assert "had a free slot within 0.3s" in (await response.json())["error"]
     assert [path for path in a.hits if path != "/healthz"] == ["/echo"]
     assert "/healthz" in a.hits, "an ejected worker is probed"
     assert h.asked == ["default"]
@@ -520,6 +522,28 @@ async def test_a_429_from_every_worker_reaches_the_client_with_retry_after(
         assert response.headers["Retry-After"] == "1"
         assert (await response.json())["error"] == "all 4 slots are busy"
     assert sorted(len(w.hits) for w in busy) == [1, 1]
+
+
+async def test_a_request_for_a_pool_with_every_slot_taken_waits_for_one_and_counts_as_load(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
+) -> None:
+    h = await make_harness(demand_interval_s=0.05)
+    worker = await workers("a")
+    worker.hold_all = True
+    h.add(worker, concurrency=1)
+
+    first = asyncio.create_task(h.session.get(f"{h.url}/first"))
+    await asyncio.wait_for(worker.entered.wait(), timeout=5)
+    second = asyncio.create_task(h.session.get(f"{h.url}/second"))
+    await _until(lambda: any(p.waiters for p in h.proxy.pools.values()))
+    await _until(lambda: ("default", 2) in h.reports)
+    assert worker.hits == ["/first"], "the full worker was not sent a request it would refuse"
+
+    worker.release.set()
+    for task, path in ((first, "/first"), (second, "/second")):
+        async with await task as response:
+            assert response.status == 200 and (await response.json())["path"] == path
+    assert worker.hits == ["/first", "/second"]
 
 
 async def test_requests_turned_away_with_429_count_as_load_for_the_autoscaler(
