@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--instance",
         default=os.environ.get("SHOAL_INSTANCE", "default"),
-        help="label value that separates several Shoal installations on one engine",
+        help="label value that separates several Shoal installations on one engine "
+        "(default: $SHOAL_INSTANCE, else 'default')",
     )
     up.add_argument(
         "--balancer-port",

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by hack/up.sh, hack/test.sh and .ci/run: the virtual environment and
 # the Docker engine. Sourced, not executed.
 
@@ -88,8 +89,10 @@ ensure_venv() {
     local stamp="$venv_dir/.shoal-installed"
     if [[ ! -f "$stamp" ]] || ! cmp -s "$repo_dir/pyproject.toml" "$stamp"; then
         log "installing Shoal and its dependencies into $venv_dir"
-        "$venv_dir/bin/python" -m pip install -q --upgrade pip >&2
-        "$venv_dir/bin/python" -m pip install -q -e "$repo_dir[test,dev]" >&2
+        # -qq: errors only (a failed build still shows its output); the warnings pip and
+        # setuptools print on a first install are harmless and alarm newcomers.
+        "$venv_dir/bin/python" -m pip install -qq --upgrade pip >&2
+        "$venv_dir/bin/python" -m pip install -qq -e "${repo_dir}[test,dev]" >&2
         cp "$repo_dir/pyproject.toml" "$stamp"
     fi
 }
