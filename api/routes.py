@@ -111,19 +111,22 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def query_value(request: web.Request, name: str, default: str | None = None) -> str | None:
-    """The one value of query parameter ``name``; 400 naming it when it is repeated.
+def query_values(request: web.Request, *names: str) -> list[str | None]:
+    """The one value of each query parameter in ``names`` (None when absent).
 
-    ``limit=2&limit=3`` has no right reading: taking either value would hide a client's bug.
+    A parameter given twice gets 400 naming it: ``limit=2&limit=3`` has no right reading,
+    and taking either value would hide a client's bug. Handlers read all their parameters
+    here first, so a repeat is refused whatever else is wrong with the request.
     """
-    values = request.query.getall(name, [])
-    if len(values) > 1:
-        reason = f"given {len(values)} times; give it once"
-        raise BadRequest(
-            f"query parameter {name!r} {reason}",
-            problems=[{"field": f"{name} (query)", "reason": reason}],
-        )
-    return values[0] if values else default
+    for name in names:
+        count = len(request.query.getall(name, []))
+        if count > 1:
+            reason = f"given {count} times; give it once"
+            raise BadRequest(
+                f"query parameter {name!r} {reason}",
+                problems=[{"field": f"{name} (query)", "reason": reason}],
+            )
+    return [request.query.get(name) for name in names]
 
 
 def _controller(request: web.Request) -> Controller:
@@ -261,22 +264,20 @@ async def get_task(request: web.Request) -> web.Response:
 @routes.get("/tasks")
 async def list_tasks(request: web.Request) -> web.Response:
     controller = _controller(request)
-    state = query_value(request, "state")
+    state, pool, limit_text, after = query_values(request, "state", "pool", "limit", "after")
     if state is not None and state not in TASK_STATES:
         raise BadRequest(f"state must be one of {', '.join(TASK_STATES)}")
-    pool = query_value(request, "pool")
     if pool is not None and controller.store.get(pool) is None:
         # A pool removed from the manifests keeps its tasks: they stay listable.
         counts = (await controller.queue.counts(pool)).to_json()
         if not any(n for state, n in counts.items() if state != "ready"):
             raise UnknownPool(pool)
     try:
-        limit = int(query_value(request, "limit", "100") or "")
+        limit = int("100" if limit_text is None else limit_text)
     except ValueError as exc:
         raise BadRequest("limit must be an integer") from exc
     if not 1 <= limit <= 1000:
         raise BadRequest("limit must be between 1 and 1000")
-    after = query_value(request, "after")
     if after is not None and await controller.queue.get(after) is None:
         raise BadRequest(f"after={after!r} is not a task id; use the 'next' of the previous page")
     tasks = await controller.queue.list(
@@ -469,7 +470,7 @@ async def requests_processed(request: web.Request) -> web.Response:
 async def scaling_events(request: web.Request) -> web.Response:
     controller = _controller(request)
     # No 404 for a pool no longer declared: its past events are still worth reading.
-    pool = query_value(request, "pool")
+    [pool] = query_values(request, "pool")
     events = [e.to_json() for e in controller.reconciler.events if pool is None or e.pool == pool]
     return web.json_response({"events": events})
 
@@ -530,12 +531,10 @@ async def healthz(request: web.Request) -> web.Response:
 async def workers(request: web.Request) -> web.StreamResponse:
     controller = _controller(request)
     registry = controller.registry
-    pool = query_value(request, "pool")
+    pool, watch, version = query_values(request, "pool", "watch", "resourceVersion")
     # A pool removed from the manifests is still known while workers of it are draining.
     if pool is not None and controller.store.get(pool) is None and not registry.list(pool):
         raise UnknownPool(pool)
-    watch = query_value(request, "watch")
-    version = query_value(request, "resourceVersion")
     if watch not in ("true", "1"):
         return web.json_response(
             {

@@ -1,8 +1,9 @@
 """Fuzzing the HTTP API from its own /openapi.json: no 5xx, and a refused request stores nothing.
 
-Hypothesis draws operations, path and query parameters, headers and bodies: bodies that fit
-the published JSON schema (``from_schema`` below covers the keywords the document uses),
-near misses with an unknown field, any JSON at all, and raw bytes. Each request goes to an
+Hypothesis draws operations, path and query parameters (now and then one given twice, which
+must get 400), headers (the documented ones too) and bodies: bodies that fit the published
+JSON schema (``from_schema`` below covers the keywords the document uses), near misses with
+an unknown field, any JSON at all, and raw bytes. Each request goes to an
 in-process app (FakeRuntime and MemoryQueue) whose controller is not started, so nothing but
 the request changes the queue.
 After every answer: the status is below 500; a 4xx carries a JSON ``error`` and left every
@@ -117,6 +118,7 @@ class Operation:
     path: str
     path_params: tuple[str, ...]
     query: tuple[tuple[str, dict[str, Any]], ...]
+    headers: tuple[tuple[str, dict[str, Any]], ...]
     body: dict[str, Any] | None
     responses: dict[str, Any]
 
@@ -151,6 +153,7 @@ def operations(document: dict[str, Any]) -> list[Operation]:
                     path=path,
                     path_params=tuple(p["name"] for p in params if p["in"] == "path"),
                     query=tuple((p["name"], p["schema"]) for p in params if p["in"] == "query"),
+                    headers=tuple((p["name"], p["schema"]) for p in params if p["in"] == "header"),
                     body=body,
                     responses=op["responses"],
                 )
@@ -167,6 +170,7 @@ class Harness:
     known_ids: list[str] = field(default_factory=list)
     sent: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
+    repeats: int = 0
 
     def __post_init__(self) -> None:
         manifest = self.tmp_path / "pools.yaml"
@@ -243,7 +247,22 @@ def _bounded(op: Operation, doc: Any) -> Any:
     return doc
 
 
-def _path(data: st.DataObject, op: Operation, known_ids: list[str]) -> str:
+# Header values a client can send: visible ASCII, short, empty and over any limit we set.
+_HEADER_VALUE = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=220)
+
+
+def _headers(data: st.DataObject, op: Operation) -> dict[str, str]:
+    headers = {"Content-Type": "application/json"}
+    if data.draw(st.booleans(), label="with traceparent"):
+        headers["traceparent"] = data.draw(_TEXT.map(lambda t: t.encode().hex()), label="tp")
+    for name, _schema in op.headers:
+        if data.draw(st.booleans(), label=f"with {name}"):
+            headers[name] = data.draw(_HEADER_VALUE, label=name)
+    return headers
+
+
+def _path(data: st.DataObject, op: Operation, known_ids: list[str]) -> tuple[str, bool]:
+    """The request's path and query, and whether a query parameter was given twice."""
     path = op.path
     for name in op.path_params:
         # NB: the draw must not depend on state hypothesis cannot see (it replays draws), so
@@ -256,14 +275,18 @@ def _path(data: st.DataObject, op: Operation, known_ids: list[str]) -> str:
         else:
             raw = data.draw(_TEXT, label=name)
         path = path.replace("{" + name + "}", urllib.parse.quote(raw, safe="") or "%20")
-    query = {}
+    query: list[tuple[str, str]] = []
     for name, schema in op.query:
         if data.draw(st.booleans(), label=f"with {name}"):
             value = data.draw(st.one_of(from_schema(schema), _TEXT), label=name)
-            query[name] = value if isinstance(value, str) else json.dumps(value)
+            query.append((name, value if isinstance(value, str) else json.dumps(value)))
+    repeated = bool(query) and data.draw(st.integers(0, 9), label="repeat one") == 0
+    if repeated:
+        name, _value = query[data.draw(st.integers(0, len(query) - 1), label="repeated")]
+        query.append((name, data.draw(_TEXT, label=f"{name} again")))
     if query:
         path += "?" + urllib.parse.urlencode(query)
-    return path
+    return path, repeated
 
 
 def test_openapi_fuzz_answers_no_5xx_and_refusals_store_nothing(harness: Harness) -> None:
@@ -280,16 +303,17 @@ def test_openapi_fuzz_answers_no_5xx_and_refusals_store_nothing(harness: Harness
     @given(data=st.data())
     def one_request(data: st.DataObject) -> None:
         op = data.draw(st.sampled_from(ops), label="operation")
-        path = _path(data, op, harness.known_ids)
+        path, repeated = _path(data, op, harness.known_ids)
         body = _body(data, op)
-        headers = {"Content-Type": "application/json"}
-        if data.draw(st.booleans(), label="with traceparent"):
-            headers["traceparent"] = data.draw(_TEXT.map(lambda t: t.encode().hex()), label="tp")
+        headers = _headers(data, op)
         before = harness.run(harness.counts())
         status, reply, content_type = harness.run(_send(harness, op.method, path, body, headers))
         harness.sent += 1
         harness.statuses[status] = harness.statuses.get(status, 0) + 1
         assert status < 500, (op.method, path, body, status, reply)
+        if repeated:
+            harness.repeats += 1
+            assert status == 400, (op.method, path, status, reply)
         if 400 <= status < 500:
             assert harness.run(harness.counts()) == before, (op.method, path, body, status)
             assert isinstance(reply, dict) and isinstance(reply.get("error"), str), reply
@@ -304,9 +328,13 @@ def test_openapi_fuzz_answers_no_5xx_and_refusals_store_nothing(harness: Harness
 
     one_request()
     logger.info(
-        "fuzz: %d requests, answers by status %s", harness.sent, sorted(harness.statuses.items())
+        "fuzz: %d requests (%d with a repeated query parameter), answers by status %s",
+        harness.sent,
+        harness.repeats,
+        sorted(harness.statuses.items()),
     )
     assert harness.sent >= N_REQUESTS
+    assert harness.repeats > 10, harness.repeats
     # The fuzz reached both sides: accepted requests and refused ones.
     assert sum(n for s, n in harness.statuses.items() if s < 300) > 50, harness.statuses
     assert sum(n for s, n in harness.statuses.items() if s >= 400) > 200, harness.statuses
