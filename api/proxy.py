@@ -358,6 +358,13 @@ class Proxy:
         pool = self.pools.get(exchange.pool)
         if pool is not None and pool.waiters:
             pool.wake()  # a slot is free: requests waiting for one look again
+        client = exchange.client
+        if client.paused_upstream is conn:
+            client.paused_upstream = None
+        if conn.reading_paused:
+            # Paused for a slow client (its write buffer filled): the next exchange on
+            # this connection must be read.
+            conn.resume_reading()
         now = self.now()
         # NB: a worker may answer before it has read the whole request body; a connection
         # with part of a body unsent would take the next request for the rest of it.
@@ -378,7 +385,7 @@ class Proxy:
                 conn.close()
         else:
             conn.close()
-        exchange.client.done(exchange, now)
+        client.done(exchange, now)
 
     def _release(self, exchange: Exchange) -> None:
         backend = exchange.backend
@@ -589,30 +596,61 @@ class Proxy:
                         pool.wake()
 
     async def _sweep(self) -> None:
-        """Times out slow workers (504), chunked bodies that stall (408), idle pooled
-        connections and idle clients."""
+        """Applies the timeouts every ``sweep_interval_s`` (see ``_sweep_once``)."""
         while True:
             await asyncio.sleep(self.config.sweep_interval_s)
-            now = self.now()
-            for conn in list(self.busy):
-                exchange = conn.exchange
-                if exchange is not None and now > exchange.deadline:
-                    self._time_out(conn, exchange)
-            idle_limit = now - self.config.upstream_idle_s
-            for worker_id, conns in list(self.idle.items()):
-                keep = [c for c in conns if c.idle_since >= idle_limit and not c.closed]
-                for conn in conns:
-                    if conn not in keep:
-                        conn.close()
-                self.idle[worker_id] = keep
-            client_limit = now - self.config.client_idle_s
-            for client in list(self.clients):
-                queue = client.queue
-                if not queue:
-                    if client.idle_since < client_limit:
-                        client.close()
-                elif queue[-1].chunked and now > queue[-1].deadline:
-                    client.time_out_body()
+            try:
+                self._sweep_once(self.now())
+            except Exception:  # one odd connection must not end the timeouts of all others
+                logger.exception("balancer sweep failed; it goes on")
+
+    def _sweep_once(self, now: float) -> None:
+        """Times out slow workers (504), request bodies that stall (408), idle pooled
+        connections, idle clients, and closed clients that never read their last bytes."""
+        for conn in list(self.busy):
+            exchange = conn.exchange
+            if exchange is None:
+                continue
+            if not exchange.body_done:
+                # The client is still sending: the pace is the client's, not the worker's.
+                if now > exchange.body_deadline:
+                    self._body_stalled(conn, exchange)
+            elif now > exchange.deadline:
+                self._time_out(conn, exchange)
+        idle_limit = now - self.config.upstream_idle_s
+        for worker_id, conns in list(self.idle.items()):
+            keep = [c for c in conns if c.idle_since >= idle_limit and not c.closed]
+            for conn in conns:
+                if conn not in keep:
+                    conn.close()
+            self.idle[worker_id] = keep
+        client_limit = now - self.config.client_idle_s
+        for client in list(self.clients):
+            queue = client.queue
+            if client.closed:
+                # A graceful close waits for the client to read what is left; one that
+                # never reads would keep the socket and its buffers for ever.
+                if client.closed_at < client_limit and client.transport is not None:
+                    client.transport.abort()
+            elif not queue:
+                if client.idle_since < client_limit:
+                    client.close()
+            elif queue[-1].chunked and now > queue[-1].body_deadline:
+                client.time_out_body()
+
+    def _body_stalled(self, conn: UpstreamConnection, exchange: Exchange) -> None:
+        """Nothing of the request body came for ``client_idle_s``: 408, and the worker
+        connection (which has part of a request on it) is dropped."""
+        conn.exchange = None
+        self.busy.discard(conn)
+        conn.close()
+        self._release(exchange)
+        exchange.upstream = None
+        if exchange.responded:
+            exchange.closing = True
+            exchange.client.close()
+            return
+        exchange.client.time_out_body()
 
     def _time_out(self, conn: UpstreamConnection, exchange: Exchange) -> None:
         conn.exchange = None
@@ -620,6 +658,18 @@ class Proxy:
         conn.close()
         self._release(exchange)
         exchange.upstream = None
+        if exchange.responded:
+            logger.warning(
+                "the answer to request %s from worker %s did not move for %gs (the client "
+                "does not read it, or the worker stalled); cut",
+                exchange.request_id,
+                conn.backend.name,
+                self.config.upstream_timeout_s,
+                extra={logfields.WORKER_ID: conn.backend.worker_id[:12]},
+            )
+            exchange.closing = True
+            exchange.client.close()
+            return
         logger.warning(
             "worker %s did not answer request %s within %gs",
             conn.backend.name,
@@ -627,10 +677,6 @@ class Proxy:
             self.config.upstream_timeout_s,
             extra={logfields.WORKER_ID: conn.backend.worker_id[:12]},
         )
-        if exchange.responded:
-            exchange.closing = True
-            exchange.client.close()
-            return
         self.reply_error(exchange, Reply(504, "the worker did not answer in time"))
 
     def snapshot(self) -> dict[str, Any]:

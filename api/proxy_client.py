@@ -35,6 +35,7 @@ from api.proxy_exchange import (
 
 if TYPE_CHECKING:
     from api.proxy import Proxy
+    from api.proxy_upstream import UpstreamConnection
 
 # Headers about the client that only a proxy may set: a client's own are dropped (or,
 # for X-Forwarded-For, appended to), so a worker cannot be told a made-up origin.
@@ -127,6 +128,9 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
         self._linger_bytes = 0
         # An answer refusing a bad request, sent once the requests before it are answered.
         self._refusal = b""
+        # The worker connection whose reading this client's full write buffer paused.
+        self.paused_upstream: UpstreamConnection | None = None
+        self.closed_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -171,15 +175,15 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.queue and self.queue[0].upstream is not None:
-            transport = self.queue[0].upstream.transport
-            if transport is not None:
-                transport.pause_reading()
+            self.paused_upstream = self.queue[0].upstream
+            self.paused_upstream.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.queue and self.queue[0].upstream is not None:
-            transport = self.queue[0].upstream.transport
-            if transport is not None:
-                transport.resume_reading()
+        # NB: the worker connection paused for this client, not whatever queue[0] has now.
+        upstream, self.paused_upstream = self.paused_upstream, None
+        if upstream is not None and upstream.exchange is not None:
+            if upstream.exchange.client is self:
+                upstream.resume_reading()
 
     # -- httptools callbacks -------------------------------------------------------------
 
@@ -325,10 +329,11 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
         else:
             self._parsing = exchange
         self.queue.append(exchange)
+        if body is None:
+            # The body (if any) streams in: each part must come within client_idle_s.
+            exchange.body_deadline = self.proxy.now() + self.proxy.config.client_idle_s
         if exchange.chunked:
-            # Dispatched once the whole body is in (``on_message_complete``); until then
-            # the deadline bounds how long the client may take to send it.
-            exchange.deadline = self.proxy.now() + self.proxy.config.client_idle_s
+            # Dispatched once the whole body is in (``on_message_complete``).
             return
         if len(self.queue) == 1:
             self.proxy.dispatch(exchange)
@@ -409,6 +414,7 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
         if exchange is None:
             return
         exchange.body_size += len(body)
+        exchange.body_deadline = self.proxy.now() + self.proxy.config.client_idle_s
         if exchange.chunked:
             # Workers refuse chunked bodies (411): gather it, then send it with a length.
             if exchange.body_size > self.proxy.config.replay_limit_bytes:
@@ -443,6 +449,9 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
         if exchange is None:
             return
         exchange.body_done = True
+        if exchange.sent:
+            # The worker's time to answer runs from the end of the request, however slow.
+            exchange.deadline = self.proxy.now() + self.proxy.config.upstream_timeout_s
         if exchange.chunked:
             exchange.chunked = False
             exchange.head = exchange.head[:-2] + b"Content-Length: %d\r\n\r\n" % exchange.body_size
@@ -469,6 +478,7 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
         if not self.closed:
             self.send_held()
             self.closed = True
+            self.closed_at = self.proxy.now()
         if not transport.is_closing():
             transport.close()
 
@@ -479,6 +489,8 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
         matches answers to pipelined requests by their order); the request cut short is
         dropped, and nothing more is read.
         """
+        if self._refusal:
+            return  # the first refusal stands; nothing after it is read
         body = error_body(status, message, "")
         refusal = (
             b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
@@ -509,10 +521,15 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
         self.queue.clear()
         self.send_held()
         self.closed = True
+        self.closed_at = self.proxy.now()
         if not transport.can_write_eof():
             transport.close()
             return
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except OSError:  # the client reset the connection already
+            transport.abort()
+            return
         if self.paused:
             # Read and drop what the client still sends, and see its close.
             self.paused = False
@@ -526,9 +543,9 @@ class ClientConnection(HeldWriter, asyncio.Protocol):
             self.transport.close()
 
     def time_out_body(self) -> None:
-        """The chunked body being gathered did not come whole in time: 408, then close."""
+        """The request body stalled (nothing came for client_idle_s): 408, then close."""
         limit_s = self.proxy.config.client_idle_s
-        self._refuse(408, f"the chunked request body did not arrive within {limit_s:g}s")
+        self._refuse(408, f"the request body stalled: nothing of it arrived for {limit_s:g}s")
 
     def _refuse_large_head(self) -> None:
         limit_kib = self.proxy.config.max_head_bytes // 1024

@@ -76,6 +76,7 @@ class Exchange:
         "attempts",
         "backend",
         "body",
+        "body_deadline",
         "body_done",
         "body_size",
         "chunked",
@@ -109,6 +110,8 @@ class Exchange:
         self.body: list[bytes] = []
         self.body_size = 0
         self.body_done = False
+        # While the body is still coming, the client must send some of it by this time.
+        self.body_deadline = 0.0
         self.replayable = True
         self.backend: Backend | None = None
         self.upstream: UpstreamConnection | None = None

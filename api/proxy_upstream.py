@@ -62,6 +62,7 @@ class UpstreamConnection(HeldWriter, asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.idle_since = 0.0
         self.closed = False
+        self.reading_paused = False
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._listed: set[bytes] = set()
@@ -217,7 +218,8 @@ class UpstreamConnection(HeldWriter, asyncio.Protocol):
         if exchange is None:
             self.proxy.forget_idle(self)
             return
-        if self._until_close and exchange.responded:
+        if self._until_close and exchange.responded and exc is None:
+            # The worker's close ends an answer without a length; a reset (exc) cuts it.
             self.on_message_complete()
             self._finish_message()
             return
@@ -379,8 +381,28 @@ class UpstreamConnection(HeldWriter, asyncio.Protocol):
             self, f"the worker's response head is over {limit_kib} KiB", retry=False
         )
 
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
     def close(self) -> None:
+        """Drops the connection; bytes it still had to send to the worker are dropped too.
+
+        A connection is given up mid-request (timed out, abandoned, answered early) or
+        idle: either way nothing left in its buffer is worth delivering, and a graceful
+        close would wait for a worker that may never read them.
+        """
         self._held_out = []  # a request held for a connection being dropped is not sent
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            if transport.get_write_buffer_size():
+                transport.abort()
+            else:
+                transport.close()

@@ -33,6 +33,7 @@ class FakeTransport:
     def __init__(self) -> None:
         self.out: list[bytes] = []
         self.closed = False
+        self.aborted = False
 
     def write(self, data: bytes) -> None:
         self.out.append(data)
@@ -54,6 +55,13 @@ class FakeTransport:
 
     def close(self) -> None:
         self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+        self.aborted = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
 
     def is_closing(self) -> bool:
         return self.closed
@@ -422,3 +430,38 @@ async def test_a_connection_that_fails_to_send_does_not_hold_back_the_others(
     fine.write_soon(b"again")
     await asyncio.sleep(0)
     assert fine_transport.out == [b"kept", b"again"], "the outbox is still in service"
+
+
+# -- closing ------------------------------------------------------------------------------
+
+
+async def test_a_closed_client_that_never_reads_is_cut_after_client_idle_s() -> None:
+    """A graceful close waits for the client to read; one that never does would pin the
+    socket and its buffers for ever."""
+    proxy = new_proxy()
+    client = ClientConnection(proxy)
+    transport = FakeTransport()
+    client.connection_made(transport)  # type: ignore[arg-type]
+    transport.closed = False
+    client.close()
+    transport.closed = False  # still draining: the peer reads nothing
+    proxy._sweep_once(client.closed_at + proxy.config.client_idle_s - 1)
+    assert not transport.aborted
+    proxy._sweep_once(client.closed_at + proxy.config.client_idle_s + 1)
+    assert transport.aborted
+
+
+async def test_a_reset_client_is_closed_even_when_its_half_close_fails() -> None:
+    class ResetTransport(FakeTransport):
+        def can_write_eof(self) -> bool:
+            return True
+
+        def write_eof(self) -> None:
+            raise OSError(107, "Transport endpoint is not connected")
+
+    proxy = new_proxy()
+    client = ClientConnection(proxy)
+    transport = ResetTransport()
+    client.connection_made(transport)  # type: ignore[arg-type]
+    client._refuse(400, "malformed request")
+    assert transport.aborted and client.closed

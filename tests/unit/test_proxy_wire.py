@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -18,12 +20,15 @@ import pytest
 
 from api.endpoints import PoolInfo, RegistryControlPlane
 from api.proxy import Proxy, ProxyConfig
+from api.proxy_client import ClientConnection
+from api.proxy_upstream import UpstreamConnection
 from controller.registry import Registry
 from controller.runtimes.base import WorkerId
 
 # Given the request head (without its blank line), returns the bytes to answer and
 # whether to read the request's body first.
 Script = Callable[[bytes], tuple[bytes, bool]]
+Make = Callable[..., Awaitable["Setup"]]
 
 
 def ok(text: bytes) -> bytes:
@@ -51,10 +56,19 @@ class RawWorker:
     bodies: list[bytes] = field(default_factory=list)
     port: int = 0
     server: asyncio.Server | None = None
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
+
+    def reset_all(self) -> None:
+        """Resets every open connection (RST, as a crashed worker's kernel sends)."""
+        for writer in self.writers:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -63,6 +77,7 @@ class RawWorker:
                 await asyncio.wait_for(self.server.wait_closed(), timeout=1)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
         try:
             while True:
                 head = (await reader.readuntil(b"\r\n\r\n"))[:-4]
@@ -93,7 +108,7 @@ class Setup:
 async def setup() -> AsyncIterator[Callable[[Script], Awaitable[Setup]]]:
     made: list[Setup] = []
 
-    async def make(script: Script) -> Setup:
+    async def make(script: Script, **config: float) -> Setup:
         worker = RawWorker(script)
         await worker.start()
         registry = Registry()
@@ -115,7 +130,8 @@ async def setup() -> AsyncIterator[Callable[[Script], Awaitable[Setup]]]:
             request_capacity=lambda pool, *, hold_s: True,
             report_load=lambda pool, *, in_flight: None,
         )
-        proxy = Proxy(control, config=ProxyConfig(upstream_timeout_s=5.0))
+        settings = {"upstream_timeout_s": 5.0, "sweep_interval_s": 0.05, **config}
+        proxy = Proxy(control, config=ProxyConfig(**settings))
         port = await proxy.start(host="127.0.0.1", port=0)
         made.append(Setup(proxy=proxy, url=("127.0.0.1", port), worker=worker))
         return made[-1]
@@ -293,3 +309,77 @@ async def test_request_headers_are_cleaned_before_a_worker_sees_them(
     assert absolute.startswith(b"GET /b?q=1 HTTP/1.1\r\n")
     assert header(absolute, b"host") == b"b.example", "the target's authority wins (RFC 9112)"
     assert absolute.lower().count(b"\r\nhost:") == 1
+
+
+# -- timing and flow ----------------------------------------------------------------------
+
+
+async def test_a_stalled_body_gets_408_and_a_slow_steady_one_gets_through(setup: Make) -> None:
+    s = await setup(echo_head, client_idle_s=0.5, upstream_timeout_s=1.0)
+    head = b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n"
+    stalled = await exchange(s.url, head + b"12345")
+    assert stalled.startswith(b"HTTP/1.1 408 "), stalled
+
+    reader, writer = await asyncio.open_connection(*s.url)
+    writer.write(head)
+    for _ in range(10):  # 10 bytes over ~2 s: longer than the worker's 1 s, never idle 0.5 s
+        await asyncio.sleep(0.2)
+        writer.write(b"x")
+    answer = await asyncio.wait_for(reader.read(), timeout=5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+
+
+async def test_a_worker_connection_paused_for_a_slow_client_is_pooled_reading(
+    setup: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Back-pressure from one client must not outlive its answer on a pooled connection."""
+
+    def script(head: bytes) -> tuple[bytes, bool]:
+        body = target_of(head)
+        chunked = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
+        return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked, True
+
+    relay = UpstreamConnection._flush
+
+    def relay_into_a_full_buffer(conn: UpstreamConnection, client: ClientConnection) -> None:
+        relay(conn, client)
+        client.pause_writing()  # what a client's full write buffer does after this write
+
+    monkeypatch.setattr(UpstreamConnection, "_flush", relay_into_a_full_buffer)
+    s = await setup(script)
+    reader, writer = await asyncio.open_connection(*s.url)
+    writer.write(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+    await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), timeout=5)
+    (pooled,) = [c for conns in s.proxy.idle.values() for c in conns]
+    assert not pooled.reading_paused, "the next request on it would never be answered"
+    monkeypatch.undo()
+    other = await exchange(s.url, b"GET /second HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+    writer.close()
+    assert other.startswith(b"HTTP/1.1 200 ") and b"/second" in other
+
+
+async def test_a_reset_mid_answer_without_length_reaches_the_client_as_a_cut(
+    setup: Make,
+) -> None:
+    def script(head: bytes) -> tuple[bytes, bool]:
+        return b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npartial", True
+
+    s = await setup(script)
+    reader, writer = await asyncio.open_connection(*s.url)
+    writer.write(b"GET /cut HTTP/1.1\r\nHost: a\r\n\r\n")
+    await asyncio.wait_for(reader.readuntil(b"partial\r\n"), timeout=5)
+    s.worker.reset_all()
+    rest = await asyncio.wait_for(reader.read(), timeout=5)
+    writer.close()
+    assert b"0\r\n\r\n" not in rest, "a reset is not a clean end of the answer"
+
+
+async def test_the_first_refusal_of_a_pipelined_run_is_the_one_sent(setup: Make) -> None:
+    s = await setup(echo_head)
+    data = await exchange(
+        s.url,
+        b"GET /g HTTP/1.1\r\nHost: a\r\n\r\nGET /v HTTP/2.0\r\nHost: a\r\n\r\n"
+        b"GET /g HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    assert [a[:12] for a in answers(data)] == [b"HTTP/1.1 200", b"HTTP/1.1 505"], data
