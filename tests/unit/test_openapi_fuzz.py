@@ -334,7 +334,9 @@ def test_openapi_fuzz_answers_no_5xx_and_refusals_store_nothing(harness: Harness
         sorted(harness.statuses.items()),
     )
     assert harness.sent >= N_REQUESTS
-    assert harness.repeats > 10, harness.repeats
+    # NB: how many draws repeat a parameter varies with the seed (10 to 36 seen in 1000);
+    # test_api checks each repeat case by itself, this only proves the fuzz reached them.
+    assert harness.repeats > 0, harness.repeats
     # The fuzz reached both sides: accepted requests and refused ones.
     assert sum(n for s, n in harness.statuses.items() if s < 300) > 50, harness.statuses
     assert sum(n for s, n in harness.statuses.items() if s >= 400) > 200, harness.statuses
