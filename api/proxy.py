@@ -254,25 +254,40 @@ class Proxy:
                 if conns:
                     self._send(exchange, backend, conns.pop())
                     return
+                # Its slot is held while the slow path connects (see ``_dispatch_slow``).
+                self._reserve(backend.worker_id)
         task = asyncio.get_running_loop().create_task(self._dispatch_slow(exchange, backend))
         exchange.task = task
         self._slow.add(task)
         task.add_done_callback(self._slow.discard)
 
     async def _dispatch_slow(self, exchange: Exchange, chosen: Backend | None = None) -> None:
+        """Routes ``exchange`` when that needs waiting: a new connection, a pool at zero or
+        full, or a retry. ``chosen`` is the fast path's choice, its slot already held.
+
+        A slot is held in ``load`` from the choice on, across the connect: requests that
+        a new worker's arrival wakes together would otherwise all see it free, all go to
+        it, and all but its first get 429.
+        """
+        reserved = chosen
         try:
             pool = await self._pool_for(exchange.pool)
             pool.last_request_at = self.now()
             for _ in range(self.config.max_tries):
-                # NB: reuse the fast path's choice, or a rotating strategy would skip a turn.
-                backend, chosen = chosen or self._choose(pool, exchange.tried), None
+                backend = reserved
                 if backend is None:
-                    backend = await self.activator.hold(pool, exchange)
+                    backend = self._choose(pool, exchange.tried)
+                    if backend is None:
+                        backend = await self.activator.hold(pool, exchange)
+                    self._reserve(backend.worker_id)
+                    reserved = backend
                 conns = self.idle.get(backend.worker_id)
                 conn = conns.pop() if conns else await self._connect(backend, exchange)
+                reserved = None
                 if conn is not None:
-                    self._send(exchange, backend, conn)
+                    self._send(exchange, backend, conn, reserved=True)
                     return
+                self._unload(backend.worker_id)
                 self.stats["retries"] += 1
             raise Reply(502, f"no worker of pool {pool.name!r} could be reached")
         except Reply as reply:
@@ -283,6 +298,8 @@ class Proxy:
             logger.exception("balancer failed to route a request")
             self.reply_error(exchange, Reply(502, "balancer error; see its log"))
         finally:
+            if reserved is not None:
+                self._unload(reserved.worker_id)
             exchange.task = None
 
     async def _pool_for(self, name: str) -> PoolTable:
@@ -320,7 +337,15 @@ class Proxy:
             return None
         return conn
 
-    def _send(self, exchange: Exchange, backend: Backend, conn: UpstreamConnection) -> None:
+    def _send(
+        self,
+        exchange: Exchange,
+        backend: Backend,
+        conn: UpstreamConnection,
+        *,
+        reserved: bool = False,
+    ) -> None:
+        """Writes the request on ``conn``; its slot is counted now, unless ``reserved``."""
         exchange.backend = backend
         exchange.upstream = conn
         worker_id = backend.worker_id
@@ -328,8 +353,8 @@ class Proxy:
         exchange.attempts += 1
         conn.exchange = exchange
         self.busy.add(conn)
-        load = self.load
-        load[worker_id] = load.get(worker_id, 0) + 1
+        if not reserved:
+            self._reserve(worker_id)
         exchange.sent = True
         body = exchange.body
         if body:
@@ -392,6 +417,9 @@ class Proxy:
         if backend is not None:
             self._unload(backend.worker_id)
         exchange.backend = None
+
+    def _reserve(self, worker_id: str) -> None:
+        self.load[worker_id] = self.load.get(worker_id, 0) + 1
 
     def _unload(self, worker_id: str) -> None:
         count = self.load.get(worker_id, 0)

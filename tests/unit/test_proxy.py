@@ -600,6 +600,26 @@ async def test_activator_holds_a_request_until_the_first_worker_is_ready(
     assert (await response.json())["worker"] == "a"
 
 
+async def test_requests_woken_by_a_new_worker_take_only_its_slots(
+    make_harness: HarnessFactory, workers: Callable[[str], Awaitable[Worker]]
+) -> None:
+    """A worker that joins a pool with waiting requests gets as many as it has slots."""
+    h = await make_harness()
+    calls = [asyncio.ensure_future(h.session.get(f"{h.url}/w{i}")) for i in range(3)]
+    await _until(lambda: sum(len(p.waiters) for p in h.proxy.pools.values()) == 3)
+    worker = await workers("a")
+    worker.hold_all = True
+    h.add(worker, concurrency=1)
+    await asyncio.wait_for(worker.entered.wait(), timeout=5)
+    await asyncio.sleep(0.1)
+    assert len(worker.hits) == 1, f"a 1-slot worker was sent {worker.hits}"
+    worker.release.set()
+    for call in calls:
+        response = await asyncio.wait_for(call, timeout=5)
+        assert response.status == 200
+    assert sorted(worker.hits) == ["/w0", "/w1", "/w2"]
+
+
 async def test_activator_answers_503_with_retry_after_when_max_is_zero(
     make_harness: HarnessFactory,
 ) -> None:
