@@ -406,11 +406,16 @@ class Reconciler:
             sync_active=now < state.demand_until,
         )
         decision = decide(spec, metrics, state.history)
-        state.history = decision.history
         if decision.desired == 0 and now < state.demand_until and spec.replicas.max > 0:
+            # NB: in the history too, so the next decision scales to zero only after
+            # scaleToZero.after, as it would from any other desired 1.
             decision = dataclasses.replace(
-                decision, desired=1, reason="a synchronous request waits for a worker (activator)"
+                decision,
+                desired=1,
+                reason="a synchronous request waits for a worker (activator)",
+                history=dataclasses.replace(decision.history, last_desired=1),
             )
+        state.history = decision.history
         self._record_decision(name, state, decision)
 
         can_spawn = (

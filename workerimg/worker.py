@@ -207,8 +207,8 @@ def parse_task(body: bytes, *, default_work_s: float) -> Task:
     # NB: bool is an int subclass; true/false are not durations.
     elif isinstance(work_s, bool) or not isinstance(work_s, int | float):
         raise BadRequest("'work_seconds' must be a number")
-    elif work_s < 0:
-        raise BadRequest("'work_seconds' must not be negative")
+    elif work_s < 0 or not math.isfinite(work_s):
+        raise BadRequest("'work_seconds' must be a finite number, not negative")
     return Task(task_id=task_id, payload=doc.get("payload"), work_s=float(work_s))
 
 

@@ -233,6 +233,26 @@ async def test_request_capacity_wakes_a_pool_at_zero_unless_max_is_zero(
     assert len(rig.runtime.started()) == max_replicas
 
 
+async def test_a_pool_woken_by_the_activator_stays_up_for_scale_to_zero_after(
+    tmp_path: Path,
+) -> None:
+    """The activator's ask lasts 2 s; the worker it woke must last scaleToZero.after."""
+    rig = Rig(tmp_path, manifest(max=2))
+    assert rig.reconciler.request_capacity("default", hold_s=2.0)
+    await rig.pass_()
+    [worker] = rig.registry.list("default")
+    rig.registry.mark_ready(worker.worker_id)
+    rig.clock.now += 5.0  # the ask lapsed; the pool has been idle since
+    await rig.pass_()
+    state = rig.reconciler.pools["default"]
+    assert state.desired == 1 and state.decision is not None
+    assert "before scaling to zero" in state.decision.reason
+    for _ in range(3):  # past scaleToZero.after and the default scale-down window
+        rig.clock.now += 300.0
+        await rig.pass_()
+    assert rig.reconciler.pools["default"].desired == 0
+
+
 async def test_balancer_load_counts_as_work_in_flight_until_it_lapses(tmp_path: Path) -> None:
     rig = Rig(tmp_path, manifest(max=4))
     rig.reconciler.report_sync_load("default", in_flight=3, hold_s=10.0)
