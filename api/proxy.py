@@ -250,9 +250,9 @@ class Proxy:
             pool.last_request_at = now
             backend = self._choose(pool)
             if backend is not None:
-                conns = self.idle.get(backend.worker_id)
-                if conns:
-                    self._send(exchange, backend, conns.pop())
+                conn = self._idle_conn(backend.worker_id)
+                if conn is not None:
+                    self._send(exchange, backend, conn)
                     return
                 # Its slot is held while the slow path connects (see ``_dispatch_slow``).
                 self._reserve(backend.worker_id)
@@ -281,8 +281,9 @@ class Proxy:
                         backend = await self.activator.hold(pool, exchange)
                     self._reserve(backend.worker_id)
                     reserved = backend
-                conns = self.idle.get(backend.worker_id)
-                conn = conns.pop() if conns else await self._connect(backend, exchange)
+                conn = self._idle_conn(backend.worker_id)
+                if conn is None:
+                    conn = await self._connect(backend, exchange)
                 reserved = None
                 if conn is not None:
                     self._send(exchange, backend, conn, reserved=True)
@@ -301,6 +302,20 @@ class Proxy:
             if reserved is not None:
                 self._unload(reserved.worker_id)
             exchange.task = None
+
+    def _idle_conn(self, worker_id: str) -> UpstreamConnection | None:
+        """A pooled connection to the worker that is still open, or None.
+
+        NB: one whose worker closed it (its end of the keep-alive) may wait in the pool
+        until the loop runs its connection_lost; a request written there would be lost.
+        """
+        conns = self.idle.get(worker_id)
+        while conns:
+            conn = conns.pop()
+            transport = conn.transport
+            if not conn.closed and transport is not None and not transport.is_closing():
+                return conn
+        return None
 
     async def _pool_for(self, name: str) -> PoolTable:
         info = self.control.pools().get(name)
@@ -512,7 +527,13 @@ class Proxy:
             exchange.closing = True
             exchange.client.close()
             return
-        safe = exchange.method in _IDEMPOTENT and exchange.replayable and exchange.body_done
+        # Nothing sent (the request never left the outbox): any method may go elsewhere.
+        unsent = not exchange.sent and exchange.attempts > 0
+        safe = (
+            (exchange.method in _IDEMPOTENT or unsent)
+            and exchange.replayable
+            and exchange.body_done
+        )
         if retry and safe and exchange.attempts < self.config.max_tries:
             self.stats["retries"] += 1
             self._redispatch(exchange)

@@ -223,6 +223,10 @@ class UpstreamConnection(HeldWriter, asyncio.Protocol):
             self.on_message_complete()
             self._finish_message()
             return
+        if self._held_out:
+            # The request was still in the outbox: not a byte of it reached the worker.
+            self._held_out = []
+            exchange.sent = False
         self.proxy.upstream_broken(
             self, "worker closed the connection" if exc is None else str(exc)
         )

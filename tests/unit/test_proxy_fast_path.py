@@ -465,3 +465,31 @@ async def test_a_reset_client_is_closed_even_when_its_half_close_fails() -> None
     client.connection_made(transport)  # type: ignore[arg-type]
     client._refuse(400, "malformed request")
     assert transport.aborted and client.closed
+
+
+async def test_a_post_still_in_the_outbox_when_its_worker_closes_goes_elsewhere() -> None:
+    """Nothing of it reached the worker, so even a POST is safe to send again."""
+    proxy = new_proxy()
+    backend = Backend(worker_id="w1", name="w1", pool="default", host="127.0.0.1", port=1)
+    proxy.on_change({"w1": backend})
+    conn = UpstreamConnection(proxy, backend)
+    worker_transport = FakeTransport()
+    conn.connection_made(worker_transport)  # type: ignore[arg-type]
+    client = ClientConnection(proxy)
+    client_transport = FakeTransport()
+    client.connection_made(client_transport)  # type: ignore[arg-type]
+    exchange = Exchange(client, "POST")
+    exchange.rid = b"rid-1"
+    exchange.body_done = True
+    client.queue.append(exchange)
+
+    sent_again: list[Exchange] = []
+    proxy._redispatch = sent_again.append  # type: ignore[method-assign]
+
+    proxy._send(exchange, backend, conn)
+    conn.connection_lost(None)  # the worker's close, read before the outbox was flushed
+    await asyncio.sleep(0)
+
+    assert worker_transport.out == [], "the request never left"
+    assert sent_again == [exchange] and proxy.stats["errors"] == 0
+    assert client_transport.out == [], "no 502 for a request that never reached a worker"
