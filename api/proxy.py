@@ -255,7 +255,7 @@ class Proxy:
                     self._send(exchange, backend, conn)
                     return
                 # Its slot is held while the slow path connects (see ``_dispatch_slow``).
-                self._reserve(backend.worker_id)
+                self._reserve(backend)
         task = asyncio.get_running_loop().create_task(self._dispatch_slow(exchange, backend))
         exchange.task = task
         self._slow.add(task)
@@ -279,7 +279,7 @@ class Proxy:
                     backend = self._choose(pool, exchange.tried)
                     if backend is None:
                         backend = await self.activator.hold(pool, exchange)
-                    self._reserve(backend.worker_id)
+                    self._reserve(backend)
                     reserved = backend
                 conn = self._idle_conn(backend.worker_id)
                 if conn is None:
@@ -288,7 +288,7 @@ class Proxy:
                 if conn is not None:
                     self._send(exchange, backend, conn, reserved=True)
                     return
-                self._unload(backend.worker_id)
+                self._unload(backend)
                 self.stats["retries"] += 1
             raise Reply(502, f"no worker of pool {pool.name!r} could be reached")
         except Reply as reply:
@@ -300,7 +300,7 @@ class Proxy:
             self.reply_error(exchange, Reply(502, "balancer error; see its log"))
         finally:
             if reserved is not None:
-                self._unload(reserved.worker_id)
+                self._unload(reserved)
             exchange.task = None
 
     def _idle_conn(self, worker_id: str) -> UpstreamConnection | None:
@@ -369,7 +369,7 @@ class Proxy:
         conn.exchange = exchange
         self.busy.add(conn)
         if not reserved:
-            self._reserve(worker_id)
+            self._reserve(backend)
         exchange.sent = True
         body = exchange.body
         if body:
@@ -392,12 +392,8 @@ class Proxy:
         if exchange is None:
             return
         exchange.upstream = None
-        exchange.backend = None
+        self._release(exchange)
         worker_id = conn.backend.worker_id
-        self._unload(worker_id)
-        pool = self.pools.get(exchange.pool)
-        if pool is not None and pool.waiters:
-            pool.wake()  # a slot is free: requests waiting for one look again
         client = exchange.client
         if client.paused_upstream is conn:
             client.paused_upstream = None
@@ -430,18 +426,32 @@ class Proxy:
     def _release(self, exchange: Exchange) -> None:
         backend = exchange.backend
         if backend is not None:
-            self._unload(backend.worker_id)
+            self._unload(backend)
         exchange.backend = None
 
-    def _reserve(self, worker_id: str) -> None:
-        self.load[worker_id] = self.load.get(worker_id, 0) + 1
+    def _detach(self, conn: UpstreamConnection, exchange: Exchange) -> None:
+        """Ends ``exchange`` on ``conn`` short of a whole answer: the connection is dropped."""
+        conn.exchange = None
+        self.busy.discard(conn)
+        conn.close()
+        self._release(exchange)
+        exchange.upstream = None
 
-    def _unload(self, worker_id: str) -> None:
+    def _reserve(self, backend: Backend) -> None:
+        """Counts a request on one of the worker's slots (see ``_choose``)."""
+        self.load[backend.worker_id] = self.load.get(backend.worker_id, 0) + 1
+
+    def _unload(self, backend: Backend) -> None:
+        """Frees a slot; requests waiting for one (``Activator.hold``) look again."""
+        worker_id = backend.worker_id
         count = self.load.get(worker_id, 0)
         if count > 1:
             self.load[worker_id] = count - 1
         else:
             self.load.pop(worker_id, None)
+        pool = self.pools.get(backend.pool)
+        if pool is not None and pool.waiters:
+            pool.wake()
 
     def forget_idle(self, conn: UpstreamConnection) -> None:
         conns = self.idle.get(conn.backend.worker_id)
@@ -482,11 +492,7 @@ class Proxy:
 
     def replay_refused(self, conn: UpstreamConnection, exchange: Exchange) -> None:
         """The worker refused the request unread (see ``refused``); another worker gets it."""
-        conn.exchange = None
-        self.busy.discard(conn)
-        conn.close()
-        self._release(exchange)
-        exchange.upstream = None
+        self._detach(conn, exchange)
         exchange.sent = False
         self.stats["retries"] += 1
         logger.debug("request %s refused by a worker; retrying", exchange.request_id)
@@ -554,11 +560,7 @@ class Proxy:
             exchange.task.cancel()
         conn = exchange.upstream
         if conn is not None:
-            conn.exchange = None
-            self.busy.discard(conn)
-            conn.close()
-            self._release(exchange)
-            exchange.upstream = None
+            self._detach(conn, exchange)
 
     def reply_error(self, exchange: Exchange, reply: Reply) -> None:
         client = exchange.client
@@ -690,11 +692,7 @@ class Proxy:
     def _body_stalled(self, conn: UpstreamConnection, exchange: Exchange) -> None:
         """Nothing of the request body came for ``client_idle_s``: 408, and the worker
         connection (which has part of a request on it) is dropped."""
-        conn.exchange = None
-        self.busy.discard(conn)
-        conn.close()
-        self._release(exchange)
-        exchange.upstream = None
+        self._detach(conn, exchange)
         if exchange.responded:
             exchange.closing = True
             exchange.client.close()
@@ -702,11 +700,7 @@ class Proxy:
         exchange.client.time_out_body()
 
     def _time_out(self, conn: UpstreamConnection, exchange: Exchange) -> None:
-        conn.exchange = None
-        self.busy.discard(conn)
-        conn.close()
-        self._release(exchange)
-        exchange.upstream = None
+        self._detach(conn, exchange)
         if exchange.responded:
             logger.warning(
                 "the answer to request %s from worker %s did not move for %gs (the client "
